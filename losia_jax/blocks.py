@@ -1,0 +1,83 @@
+"""Reading and writing a target's core block without touching the rest of it.
+
+Indices are sorted and unique, which we tell XLA: it then emits a plain
+gather, and a scatter-add into a donated weight that runs in place, instead of
+materialising a parameter-sized update.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from losia_jax.targets import TargetSpec
+
+_FLAGS = dict(indices_are_sorted=True, unique_indices=True, mode="promise_in_bounds")
+
+
+def _matrix_index(spec: TargetSpec, r: jax.Array, c: jax.Array) -> tuple:
+  """Advanced index of one layer's block in its (2-D) matrix."""
+  if spec.row_mode:
+    return (slice(None), r) if spec.transposed else (r,)
+  return (c[:, None], r[None, :]) if spec.transposed else (r[:, None], c[None, :])
+
+
+def block_index(spec: TargetSpec, rows: jax.Array, cols: jax.Array) -> tuple:
+  """Advanced index of the block in the stored leaf.
+
+  ``rows`` is ``[n, k_out]`` and ``cols`` ``[n, k_in]`` (``[n, 0]`` in row mode).
+  """
+  if spec.stacked and not spec.row_mode:
+    li = jnp.arange(spec.n, dtype=jnp.int32)[:, None, None]
+    if spec.transposed:
+      return (li, cols[:, :, None], rows[:, None, :])
+    return (li, rows[:, :, None], cols[:, None, :])
+  return _matrix_index(spec, rows[0], cols[0])
+
+
+def gather_block(x: jax.Array, spec: TargetSpec, rows: jax.Array, cols: jax.Array) -> jax.Array:
+  """The block of ``x`` (a weight or its gradient) as ``[n, *spec.block_shape]``."""
+  blk = x.at[block_index(spec, rows, cols)].get(**_FLAGS)
+  return blk if spec.stacked else blk[None]
+
+
+def _native(delta: jax.Array, spec: TargetSpec) -> jax.Array:
+  return delta if spec.stacked else delta[0]
+
+
+def add_block(x: jax.Array, spec: TargetSpec, rows: jax.Array, cols: jax.Array,
+              delta: jax.Array) -> jax.Array:
+  """``x`` with ``delta`` (``[n, *block_shape]``) added to its block; in place when donated."""
+  return x.at[block_index(spec, rows, cols)].add(
+      _native(delta, spec).astype(x.dtype), **_FLAGS)
+
+
+def scatter_block(like: jax.Array, spec: TargetSpec, rows: jax.Array, cols: jax.Array,
+                  delta: jax.Array) -> jax.Array:
+  """A full-shape zero array holding ``delta`` in the block (the optax-compatible update)."""
+  return jnp.zeros(like.shape, like.dtype).at[block_index(spec, rows, cols)].set(
+      _native(delta, spec).astype(like.dtype), **_FLAGS)
+
+
+def layer_slice(x: jax.Array, spec: TargetSpec, local: jax.Array) -> jax.Array:
+  """The per-layer matrix ``local`` of a stacked leaf (the leaf itself otherwise)."""
+  if not spec.stacked:
+    return x
+  return jax.lax.dynamic_index_in_dim(x, local, axis=0, keepdims=False)
+
+
+def set_block(x: jax.Array, spec: TargetSpec, rows: jax.Array, cols: jax.Array,
+              block: jax.Array) -> jax.Array:
+  """A copy of the leaf ``x`` whose block is ``block`` (``[n, *block_shape]``)."""
+  return x.at[block_index(spec, rows, cols)].set(_native(block, spec).astype(x.dtype), **_FLAGS)
+
+
+def set_layer_block(m: jax.Array, spec: TargetSpec, r: jax.Array, c: jax.Array,
+                    block: jax.Array) -> jax.Array:
+  """A copy of one layer's matrix ``m`` whose block (indices ``r``, ``c``) is ``block``."""
+  return m.at[_matrix_index(spec, r, c)].set(block.astype(m.dtype), **_FLAGS)
+
+
+def get_layer_block(m: jax.Array, spec: TargetSpec, r: jax.Array, c: jax.Array) -> jax.Array:
+  """One layer's block (``spec.block_shape``) of its matrix ``m``."""
+  return m.at[_matrix_index(spec, r, c)].get(**_FLAGS)

@@ -1,0 +1,564 @@
+"""LoSiA as an Optax gradient transformation.
+
+Implements LOSIA_SPEC.md: every target matrix trains only its core block
+``W[rows][:, cols]`` with a compact inner optimizer; one layer at a time (async)
+or all layers together (sync) accumulate gradient importance, and at the end of
+their profiling slot choose a new block, restart the inner optimizer and ramp
+their learning rate back up (rewarm). Relocalization happens inside the jitted
+update (``lax.switch``/``lax.cond`` on the step counter), never on the host.
+
+Two ways to apply it:
+- the optax way: ``updates, state = tx.update(grads, state, params)`` then
+  ``optax.apply_updates`` (works with ``optax.chain``, ``optax.MultiSteps``,
+  ``nnx.Optimizer``); updates are parameter-sized, zero outside the blocks;
+- the fused way: ``params, state = tx.apply_gradients(grads, state, params)``
+  scatters each compact update into the (donated) weights in place and never
+  materialises a parameter-sized update or zero buffer.
+Both give bit-identical parameters.
+
+Reference: Wang, Qi, Xu, "LoSiA: Efficient High-Rank Fine-Tuning via Subnet
+Localization and Optimization", arXiv:2507.04487 (EMNLP 2025).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from optax import tree_utils as otu
+
+from losia_common import LoSiAConfig
+from losia_common.subnet import initial_indices
+from losia_jax import blocks
+from losia_jax.importance import (ImportanceState, importance_score, update_importance,
+                                  zeros_importance)
+from losia_jax.schedule import ends_slot, rewarm_factor, slot_owner
+from losia_jax.selection import select_rows, select_subnet
+from losia_jax.targets import Bucket, DimensionNumbersArg, LoSiAPlan, TargetSpec, make_plan
+
+Params = Any
+
+
+class TargetState(NamedTuple):
+  """State of one role's ``N`` target matrices (one per layer), stacked in layer order.
+
+  Attributes:
+    rows: int32 ``[N, k_out]``, sorted output-neuron indices of each block.
+    cols: int32 ``[N, k_in]``, sorted input-neuron indices (``[N, 0]`` in row mode).
+    inner: the inner optimizer's state on compact ``[N, *block_shape]`` arrays
+      (block in the weight's stored layout), vmapped over ``N`` so each matrix
+      restarts on its own.
+    last_relocalization: int32 ``[N]``, the step that ended the last profiling
+      window of each matrix, ``-1`` before the first (drives rewarm).
+  """
+
+  rows: jax.Array
+  cols: jax.Array
+  inner: optax.OptState
+  last_relocalization: jax.Array
+
+
+class LoSiAState(NamedTuple):
+  """State of :func:`scale_by_losia`. Shapes never change, across relocalizations too.
+
+  Attributes:
+    count: int32, the number of applied (finite) steps, ``s`` of the spec.
+    targets: ``{role: TargetState}`` (roles: ``self_attn.q_proj``, ..., ``output``).
+    importance: fp32 profiling buffers, ``{role: ImportanceState}``. Async: one
+      matrix per role, reused by whichever layer profiles, so the memory is one
+      layer's worth. Sync: ``[N, ...]`` per role, every target at once.
+    non_target: the inner optimizer's state on the non-target parameters
+      (``{path: array}``), or ``optax.EmptyState()`` when they are frozen.
+    notfinite_count: int32, steps skipped because a gradient value the step
+      reads was NaN or infinite.
+  """
+
+  count: jax.Array
+  targets: dict[str, TargetState]
+  importance: dict[str, ImportanceState]
+  non_target: optax.OptState
+  notfinite_count: jax.Array
+
+
+class LoSiATransformation(optax.GradientTransformationExtraArgs):
+  """An Optax transformation with LoSiA's fused path.
+
+  Besides ``init``/``update`` it carries ``apply_gradients(grads, state,
+  params) -> (params, state)``, the in-place path, and ``plan(params)``, which
+  reports the targets LoSiA found. Instances are made by :func:`scale_by_losia`,
+  :func:`losia` and :func:`chain`.
+  """
+
+  apply_gradients: Callable[..., tuple[Params, Any]]
+  plan: Callable[[Params], LoSiAPlan]
+  losia_index: int  # position of the LoSiA state in a chain's state tuple (-1: itself)
+
+
+def _make(init, update, apply_gradients, plan, losia_index=-1, inner=None,
+          chained=()) -> LoSiATransformation:
+  tx = LoSiATransformation(init, update)
+  tx.apply_gradients = apply_gradients
+  tx.plan = plan
+  tx.losia_index = losia_index
+  tx._inner = inner  # the inner optimizer (for state shardings)
+  tx._chained = tuple(chained)  # the transformations of a chain
+  return tx
+
+
+def _where(pred, new, old):
+  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
+
+
+def _all_finite(arrays) -> jax.Array:
+  ok = jnp.array(True)
+  for a in arrays:
+    ok = ok & jnp.all(jnp.isfinite(a))
+  return ok
+
+
+def scale_by_losia(
+    config: Optional[LoSiAConfig] = None,
+    base_optimizer: Optional[optax.GradientTransformation] = None,
+    *,
+    learning_rate: Optional[optax.ScalarOrSchedule] = None,
+    weight_decay: float = 0.0,
+    output_module: str = "lm_head",
+    dimension_numbers: DimensionNumbersArg = None,
+    stacked_layers: bool = False,
+) -> LoSiATransformation:
+  """LoSiA around an inner optimizer that runs on compact ``[k_out, k_in]`` blocks.
+
+  Per target and step (LOSIA_SPEC.md section 6): ``g = scale * G[rows][:, cols]``;
+  the inner optimizer turns ``g`` into ``u``; ``u += weight_decay * W[rows][:,
+  cols]``; the block moves by ``-lr(s) * rewarm(s) * u``. Non-targets get the
+  inner optimizer's full update (plus decoupled decay, no rewarm) or nothing,
+  by ``config.non_target``. At the end of a profiling window the block is
+  re-selected from importance and the inner state of that matrix is reset.
+
+  With ``learning_rate=None`` the output is the descent *direction*
+  ``rewarm * (u + weight_decay * W)`` (like ``optax.scale_by_adam``), to be
+  followed by ``optax.scale_by_learning_rate``; the fused ``apply_gradients``
+  then adds that direction as is. Use :func:`losia` for the ready optimizer.
+
+  Non-finite gradients: if any gradient value the step reads (the target
+  blocks, the full gradients of the profiling layer, trained non-targets) is
+  NaN or infinite, the step is skipped: zero updates, state unchanged except
+  ``notfinite_count``; the step counter does not advance.
+
+  Args:
+    config: a :class:`LoSiAConfig` (defaults if None).
+    base_optimizer: inner gradient transformation that needs no params, e.g.
+      ``optax.scale_by_adam()`` (the default), ``optax.scale_by_lion()``. Its
+      state is built on compact blocks and restarted at each relocalization.
+    learning_rate: float or optax schedule of the step ``s``; multiplied per
+      target by the rewarm factor. None: see above.
+    weight_decay: decoupled weight decay, on the block only for targets.
+    output_module: module name (or regex) of the output layer, used when
+      ``config.output_rank_factor > 0``; for tied embeddings name the embedding.
+    dimension_numbers: a :class:`LoSiADimensionNumbers` for all targets, a
+      callable ``(ParamName, shape) -> LoSiADimensionNumbers``, or None to read
+      the layout from the leaf name (``kernel``: ``[in, out]``; ``weight`` and
+      ``embedding``: ``[out, in]``).
+    stacked_layers: targets without a layer index in their path hold all layers
+      along a leading axis (scan-over-layers models).
+
+  Returns:
+    A :class:`LoSiATransformation`.
+  """
+  config = LoSiAConfig() if config is None else config
+  if not isinstance(config, LoSiAConfig):
+    raise TypeError(f"`config` must be a LoSiAConfig; got {type(config).__name__}")
+  if base_optimizer is None:
+    base_optimizer = optax.scale_by_adam()
+  if not (hasattr(base_optimizer, "init") and hasattr(base_optimizer, "update")):
+    raise TypeError("`base_optimizer` must be an optax GradientTransformation")
+  if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) \
+      or not np.isfinite(weight_decay) or weight_decay < 0:
+    raise ValueError(f"`weight_decay` must be a finite number >= 0; got {weight_decay!r}")
+  if learning_rate is not None and not callable(learning_rate):
+    if isinstance(learning_rate, bool) or not np.isfinite(float(learning_rate)) \
+        or float(learning_rate) < 0:
+      raise ValueError(
+          f"`learning_rate` must be a number >= 0 or an optax schedule; got {learning_rate!r}")
+  if not isinstance(output_module, str) or not output_module:
+    raise ValueError(f"`output_module` must be a non-empty string; got {output_module!r}")
+  base = base_optimizer
+  cfg = config
+  T = cfg.period
+  train_non_targets = cfg.non_target == "train"
+  is_async = cfg.schedule == "async"
+
+  def plan_of(params) -> LoSiAPlan:
+    return make_plan(params, cfg, output_module=output_module,
+                     dimension_numbers=dimension_numbers, stacked_layers=stacked_layers)
+
+  def fresh_inner(b: Bucket):
+    return base.init(jnp.zeros(b.first.block_shape, jnp.float32))
+
+  # --- init -------------------------------------------------------------------
+
+  def init_fn(params: Params) -> LoSiAState:
+    plan = plan_of(params)
+    targets, importance = {}, {}
+    for b in plan.buckets:
+      t = b.first
+      rows = np.stack([initial_indices(cfg.seed, i, t.d_out, t.k_out, "rows")
+                       for i in b.identities])
+      cols = (np.zeros((b.size, 0), np.int64) if t.row_mode else
+              np.stack([initial_indices(cfg.seed, i, t.d_in, t.k_in, "cols")
+                        for i in b.identities]))
+      inner = jax.vmap(base.init)(jnp.zeros((b.size,) + t.block_shape, jnp.float32))
+      targets[b.role] = TargetState(jnp.asarray(rows, jnp.int32), jnp.asarray(cols, jnp.int32),
+                                    inner, jnp.full((b.size,), -1, jnp.int32))
+      slot_shape = t.slice_shape if is_async else (b.size,) + t.slice_shape
+      importance[b.role] = zeros_importance(slot_shape)
+    leaves = jax.tree_util.tree_leaves(params)
+    if train_non_targets:
+      non_target = base.init({k: jnp.zeros(leaves[i].shape, jnp.float32)
+                              for k, i in plan.non_targets})
+    else:
+      non_target = optax.EmptyState()
+    return LoSiAState(jnp.zeros([], jnp.int32), targets, importance, non_target,
+                      jnp.zeros([], jnp.int32))
+
+  # --- the step ---------------------------------------------------------------
+
+  def lr_at(count):
+    if learning_rate is None:
+      return None
+    return learning_rate(count) if callable(learning_rate) else learning_rate
+
+  def span(x, b: Bucket, j: int):
+    """The rows of a bucket-stacked array that belong to member ``j``."""
+    return x[b.offsets[j]:b.offsets[j] + b.members[j].n]
+
+  def owner_of(b: Bucket, plan: LoSiAPlan, owner):
+    member, local, pos = (jnp.asarray(a) for a in b.tables(plan.total))
+    return member[owner], local[owner], pos[owner]
+
+  def inspect_owner(b: Bucket, ts: TargetState, w_leaves, g_leaves, who):
+    """Async, before any weight is written: the profiling matrix's old block and
+    whether its full gradient is finite (one ``lax.switch`` per role)."""
+    m, l, p = who
+    shape = b.first.block_shape
+
+    def branch(j, w_leaves, g_leaves):
+      if j < 0:
+        return jnp.zeros(shape, w_leaves[b.first.leaf_index].dtype), jnp.array(True)
+      t = b.members[j]
+      w = blocks.layer_slice(w_leaves[t.leaf_index], t, l)
+      g = blocks.layer_slice(g_leaves[t.leaf_index], t, l)
+      return (blocks.get_layer_block(w, t, ts.rows[p], ts.cols[p]),
+              jnp.all(jnp.isfinite(g)))
+
+    fns = [functools.partial(branch, j) for j in range(-1, len(b.members))]
+    return jax.lax.switch(m, fns, w_leaves, g_leaves)
+
+  def profile(plan: LoSiAPlan, state: LoSiAState, w_layer, w_leaf, g_leaves, owner, finite):
+    """Accumulates the importance of the profiling layer(s).
+
+    ``w_layer(b, j, l, pos)`` / ``w_leaf(b, j)`` give member weights as they
+    were *before* this step's update.
+    """
+    importance = dict(state.importance)
+    upd = lambda slot, w, g: update_importance(
+        slot, w, g, cfg.importance, cfg.importance_beta1, cfg.importance_beta2)
+    for b in plan.buckets:
+      if is_async:
+        m, l, p = owner_of(b, plan, owner)
+
+        def branch(j, slot, g_leaves):
+          if j < 0:
+            return slot
+          t = b.members[j]
+          return upd(slot, w_layer(b, j, l, p), blocks.layer_slice(g_leaves[t.leaf_index], t, l))
+
+        fns = [functools.partial(branch, j) for j in range(-1, len(b.members))]
+        importance[b.role] = jax.lax.switch(jnp.where(finite, m, 0), fns,
+                                            importance[b.role], g_leaves)
+      else:
+        def run(slot, g_leaves, b=b):
+          for j, t in enumerate(b.members):
+            shape = (t.n,) + t.slice_shape
+            new = upd(jax.tree.map(lambda x: span(x, b, j), slot), w_leaf(b, j).reshape(shape),
+                      g_leaves[t.leaf_index].reshape(shape))
+            slot = jax.tree.map(lambda s, x, o=b.offsets[j]: s.at[o:o + x.shape[0]].set(x),
+                                slot, new)
+          return slot
+
+        importance[b.role] = jax.lax.cond((owner == 0) & finite, run, lambda s, g: s,
+                                          importance[b.role], g_leaves)
+    return importance
+
+  def choose(t: TargetSpec, slot_score: jax.Array):
+    """New (rows, cols) of one per-layer matrix from its score (stored layout)."""
+    score = slot_score.T if t.transposed else slot_score
+    if t.row_mode:
+      return select_rows(score, t.k_out), jnp.zeros((0,), jnp.int32)
+    return select_subnet(score, t.k_out, t.k_in)
+
+  def relocalize(plan: LoSiAPlan, targets, importance, owner, do, step):
+    """End of a profiling window: new blocks, fresh inner state, empty slots."""
+    targets, importance = dict(targets), dict(importance)
+    for b in plan.buckets:
+      t = b.first
+      if is_async:
+        m, _, p = owner_of(b, plan, owner)
+
+        def run(slot, ts, p, b=b, t=t):
+          rows, cols = choose(t, importance_score(slot))
+          fresh = fresh_inner(b)
+          ts = TargetState(ts.rows.at[p].set(rows), ts.cols.at[p].set(cols),
+                           jax.tree.map(lambda x, f: x.at[p].set(f), ts.inner, fresh),
+                           ts.last_relocalization.at[p].set(step))
+          return jax.tree.map(jnp.zeros_like, slot), ts
+
+        pred = do & (m > 0)
+      else:
+        def run(slot, ts, p, b=b, t=t):
+          rows, cols = jax.vmap(lambda sc: choose(t, sc))(importance_score(slot))
+          fresh = jax.vmap(lambda _: fresh_inner(b))(jnp.arange(b.size))
+          ts = TargetState(rows, cols.reshape(ts.cols.shape), fresh,
+                           jnp.full_like(ts.last_relocalization, step))
+          return jax.tree.map(jnp.zeros_like, slot), ts
+
+        pred, p = do & (owner == 0), jnp.zeros([], jnp.int32)
+      importance[b.role], targets[b.role] = jax.lax.cond(
+          pred, run, lambda slot, ts, p: (slot, ts), importance[b.role], targets[b.role], p)
+    return targets, importance
+
+  def prepare(grads, state: LoSiAState, params):
+    """The update of every block and non-target, and whether the step is finite."""
+    if params is None:
+      raise ValueError("LoSiA needs `params` in update(): importance and weight decay "
+                       "read the weights")
+    plan = plan_of(params)
+    w_leaves = jax.tree_util.tree_leaves(params)
+    g_leaves = jax.tree_util.tree_leaves(grads)
+    if len(g_leaves) != len(w_leaves):
+      raise ValueError(f"grads have {len(g_leaves)} leaves but params {len(w_leaves)}")
+    s = state.count
+    owner = slot_owner(s, T, plan.total)
+    lr = lr_at(s)
+    # Old blocks of every matrix are needed for weight decay, and in sync mode
+    # to restore "weights before the step" for profiling after the scatter.
+    need_all_w = bool(weight_decay) or not is_async
+
+    def gather_all(leaves, b, ts):
+      parts = [blocks.gather_block(leaves[t.leaf_index], t, span(ts.rows, b, j),
+                                   span(ts.cols, b, j)) for j, t in enumerate(b.members)]
+      return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+
+    gblk, wblk, wown = {}, {}, {}
+    finite = jnp.array(True)
+    for b in plan.buckets:
+      ts = state.targets[b.role]
+      gblk[b.role] = gather_all(g_leaves, b, ts).astype(jnp.float32)
+      finite = finite & jnp.all(jnp.isfinite(gblk[b.role]))
+      if need_all_w:
+        wblk[b.role] = gather_all(w_leaves, b, ts)
+      if is_async:
+        wown[b.role], ok = inspect_owner(b, ts, w_leaves, g_leaves, owner_of(b, plan, owner))
+        finite = finite & ok
+    if not is_async:
+      finite = finite & jax.lax.cond(
+          owner == 0, lambda g: _all_finite(g[t.leaf_index] for t in plan.targets),
+          lambda g: jnp.array(True), g_leaves)
+    if train_non_targets:
+      finite = finite & _all_finite(g_leaves[i] for _, i in plan.non_targets)
+
+    deltas, targets = {}, {}
+    for b in plan.buckets:
+      ts = state.targets[b.role]
+      u, inner = jax.vmap(lambda g, st: base.update(g, st))(cfg.scale * gblk[b.role], ts.inner)
+      if weight_decay:
+        u = u + weight_decay * wblk[b.role].astype(jnp.float32)
+      if cfg.rewarm:
+        u = u * rewarm_factor(s, ts.last_relocalization, T)[:, None, None]
+      step = u if lr is None else -lr * u
+      # Every scatter depends on `finite`, hence on the reads above: XLA then
+      # reads the old weights before overwriting them in place, without copies.
+      deltas[b.role] = jnp.where(finite, step, 0.0)
+      targets[b.role] = ts._replace(inner=_where(finite, inner, ts.inner))
+
+    nt_updates, non_target = {}, state.non_target
+    if train_non_targets and plan.non_targets:
+      nt_grads = {k: g_leaves[i].astype(jnp.float32) for k, i in plan.non_targets}
+      u, new_nt = base.update(nt_grads, state.non_target)
+      for k, i in plan.non_targets:
+        v = u[k]
+        if weight_decay:
+          v = v + weight_decay * w_leaves[i].astype(jnp.float32)
+        v = v if lr is None else -lr * v
+        nt_updates[k] = jnp.where(finite, v, 0.0).astype(w_leaves[i].dtype)
+      non_target = _where(finite, new_nt, state.non_target)
+    return dict(plan=plan, state=state, g_leaves=g_leaves, s=s, owner=owner, finite=finite,
+                wblk=wblk, wown=wown, deltas=deltas, targets=targets, nt_updates=nt_updates,
+                non_target=non_target)
+
+  def finish(c, w_layer, w_leaf) -> LoSiAState:
+    """Profiling and relocalization, after the blocks were updated."""
+    plan, state, s, owner, finite = c["plan"], c["state"], c["s"], c["owner"], c["finite"]
+    importance = profile(plan, state, w_layer, w_leaf, c["g_leaves"], owner, finite)
+    targets, importance = relocalize(plan, c["targets"], importance, owner,
+                                     finite & ends_slot(s, T), s)
+    fin = finite.astype(jnp.int32)
+    return LoSiAState(s + fin, targets, importance, c["non_target"],
+                      state.notfinite_count + (1 - fin))
+
+  def write(c, leaves, write_block):
+    """New leaves: each member's span of its bucket's delta written by ``write_block``."""
+    out = list(leaves)
+    for b in c["plan"].buckets:
+      ts = c["state"].targets[b.role]  # this step used the indices from before relocalization
+      for j, t in enumerate(b.members):
+        out[t.leaf_index] = write_block(leaves[t.leaf_index], t, span(ts.rows, b, j),
+                                        span(ts.cols, b, j), span(c["deltas"][b.role], b, j))
+    return out
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    c = prepare(updates, state, params)
+    w_leaves = jax.tree_util.tree_leaves(params)
+    new_state = finish(
+        c, lambda b, j, l, p: blocks.layer_slice(w_leaves[b.members[j].leaf_index], b.members[j], l),
+        lambda b, j: w_leaves[b.members[j].leaf_index])
+    leaves, treedef = jax.tree_util.tree_flatten(updates)
+    out = write(c, w_leaves, blocks.scatter_block)
+    for k, i in c["plan"].non_targets:
+      out[i] = c["nt_updates"].get(k, jnp.zeros_like(w_leaves[i]))
+    return jax.tree_util.tree_unflatten(treedef, out), new_state
+
+  def apply_fn(grads, state, params):
+    c = prepare(grads, state, params)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    out = write(c, leaves, blocks.add_block)
+    for k, i in c["plan"].non_targets:
+      if k in c["nt_updates"]:
+        out[i] = (leaves[i] + c["nt_updates"][k]).astype(leaves[i].dtype)
+
+    # Profiling reads the *updated* weights with the old block values put back:
+    # bit-exact "weights before the step", while reading them before the
+    # in-place scatter would make XLA copy every target weight.
+    def w_layer(b, j, l, p):
+      t, ts = b.members[j], state.targets[b.role]
+      return blocks.set_layer_block(blocks.layer_slice(out[t.leaf_index], t, l), t,
+                                    ts.rows[p], ts.cols[p], c["wown"][b.role])
+
+    def w_leaf(b, j):
+      t, ts = b.members[j], state.targets[b.role]
+      return blocks.set_block(out[t.leaf_index], t, span(ts.rows, b, j), span(ts.cols, b, j),
+                              span(c["wblk"][b.role], b, j))
+
+    new_state = finish(c, w_layer, w_leaf)
+    return jax.tree_util.tree_unflatten(treedef, out), new_state
+
+  return _make(init_fn, update_fn, apply_fn, plan_of, inner=base)
+
+
+def losia(
+    learning_rate: optax.ScalarOrSchedule,
+    config: Optional[LoSiAConfig] = None,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    weight_decay: float = 0.0,
+    output_module: str = "lm_head",
+    dimension_numbers: DimensionNumbersArg = None,
+    stacked_layers: bool = False,
+) -> LoSiATransformation:
+  """LoSiA with AdamW on each target's core block: the ready optimizer.
+
+  The Adam moments live on the compact blocks (p² of AdamW's state) and restart,
+  step count included, whenever a block is re-selected; ``learning_rate`` (a
+  float or an optax schedule) is multiplied per target by the rewarm ramp;
+  ``weight_decay`` is decoupled and touches only the block of a target.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import losia_jax
+    >>> params = {"layers": [{"q_proj": {"kernel": jnp.ones((16, 16))}}]}
+    >>> cfg = losia_jax.LoSiAConfig(rank_factor=0.25, period=2)
+    >>> tx = optax.chain(optax.clip_by_global_norm(1.0), losia_jax.losia(1e-2, cfg))
+    >>> state = tx.init(params)
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> updates, state = tx.update(grads, state, params)
+    >>> int((optax.apply_updates(params, updates)["layers"][0]["q_proj"]["kernel"] != 1).sum())
+    16
+
+  Args:
+    learning_rate: float or optax schedule of the step.
+    config: a :class:`LoSiAConfig`.
+    b1, b2, eps, eps_root: Adam hyper-parameters (``optax.scale_by_adam``).
+    weight_decay: decoupled weight decay (block only for targets).
+    output_module, dimension_numbers, stacked_layers: see :func:`scale_by_losia`.
+
+  References:
+    Wang, Qi, Xu, `LoSiA: Efficient High-Rank Fine-Tuning via Subnet
+    Localization and Optimization <https://arxiv.org/abs/2507.04487>`_, 2025.
+  """
+  return scale_by_losia(
+      config, optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root),
+      learning_rate=learning_rate, weight_decay=weight_decay, output_module=output_module,
+      dimension_numbers=dimension_numbers, stacked_layers=stacked_layers)
+
+
+def chain(*transforms: optax.GradientTransformation) -> LoSiATransformation:
+  """``optax.chain`` whose last element is LoSiA, keeping the fused path.
+
+  The state is exactly ``optax.chain``'s (a tuple), so the two are
+  interchangeable; ``apply_gradients`` runs the leading transformations (e.g.
+  ``optax.clip_by_global_norm``) and then LoSiA's in-place update.
+  """
+  if not transforms or not isinstance(transforms[-1], LoSiATransformation):
+    raise ValueError("losia_jax.chain needs a LoSiA transformation as its last element")
+  head, last = transforms[:-1], transforms[-1]
+  plain = optax.chain(*transforms)
+
+  def apply_fn(grads, state, params):
+    state = tuple(state)
+    new = []
+    for tx, st in zip(head, state[:-1]):
+      grads, st = tx.update(grads, st, params)
+      new.append(st)
+    params, st = last.apply_gradients(grads, state[-1], params)
+    return params, tuple(new) + (st,)
+
+  return _make(plain.init, plain.update, apply_fn, last.plan, len(transforms) - 1,
+               chained=transforms)
+
+
+def state_nbytes(state: Any) -> int:
+  """Bytes held by an optimizer state (arrays or ``ShapeDtypeStruct``s)."""
+  return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize
+                 for x in jax.tree_util.tree_leaves(state)))
+
+
+def find_losia_state(state: Any) -> LoSiAState:
+  """The :class:`LoSiAState` inside a (possibly chained or wrapped) optimizer state."""
+  found = []
+
+  def visit(x):
+    if isinstance(x, LoSiAState):
+      found.append(x)
+      return
+    if isinstance(x, (tuple, list)):
+      for y in x:
+        visit(y)
+    elif isinstance(x, dict):
+      for y in x.values():
+        visit(y)
+    elif hasattr(x, "_fields"):
+      for y in x:
+        visit(y)
+
+  visit(state)
+  if len(found) != 1:
+    raise ValueError(f"expected one LoSiAState in the optimizer state; found {len(found)}")
+  return found[0]
