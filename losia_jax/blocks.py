@@ -35,10 +35,23 @@ def block_index(spec: TargetSpec, rows: jax.Array, cols: jax.Array) -> tuple:
   return _matrix_index(spec, rows[0], cols[0])
 
 
+def _take_block(m: jax.Array, spec: TargetSpec, r: jax.Array, c: jax.Array) -> jax.Array:
+  # Two 1-D takes (whole rows, then columns) lower to much faster XLA CPU
+  # gathers than one gather over the broadcast 2-D index (measured ~4x).
+  take = lambda a, i, ax: jnp.take(a, i, axis=ax, mode="clip", indices_are_sorted=True,
+                                   unique_indices=True)
+  if spec.row_mode:
+    return take(m, r, 1 if spec.transposed else 0)
+  if spec.transposed:  # [d_in, d_out]
+    return take(take(m, c, 0), r, 1)
+  return take(take(m, r, 0), c, 1)
+
+
 def gather_block(x: jax.Array, spec: TargetSpec, rows: jax.Array, cols: jax.Array) -> jax.Array:
   """The block of ``x`` (a weight or its gradient) as ``[n, *spec.block_shape]``."""
-  blk = x.at[block_index(spec, rows, cols)].get(**_FLAGS)
-  return blk if spec.stacked else blk[None]
+  if spec.stacked:
+    return jax.vmap(lambda m, r, c: _take_block(m, spec, r, c))(x, rows, cols)
+  return _take_block(x, spec, rows[0], cols[0])[None]
 
 
 def _native(delta: jax.Array, spec: TargetSpec) -> jax.Array:
@@ -80,4 +93,4 @@ def set_layer_block(m: jax.Array, spec: TargetSpec, r: jax.Array, c: jax.Array,
 
 def get_layer_block(m: jax.Array, spec: TargetSpec, r: jax.Array, c: jax.Array) -> jax.Array:
   """One layer's block (``spec.block_shape``) of its matrix ``m``."""
-  return m.at[_matrix_index(spec, r, c)].get(**_FLAGS)
+  return _take_block(m, spec, r, c)

@@ -240,23 +240,44 @@ def scale_by_losia(
     member, local, pos = (jnp.asarray(a) for a in b.tables(plan.total))
     return member[owner], local[owner], pos[owner]
 
-  def inspect_owner(b: Bucket, ts: TargetState, w_leaves, g_leaves, who):
-    """Async, before any weight is written: the profiling matrix's old block and
-    whether its full gradient is finite (one ``lax.switch`` per role)."""
-    m, l, p = who
-    shape = b.first.block_shape
+  def at_layer(plan: LoSiAPlan, lid: int):
+    """Static: ``(bucket, member index, index in member, position in bucket)`` of
+    every target matrix of layer id ``lid``."""
+    out = []
+    for b in plan.buckets:
+      for j, (t, off) in enumerate(zip(b.members, b.offsets)):
+        if lid in t.layer_ids:
+          l = t.layer_ids.index(lid)
+          out.append((b, j, l, off + l))
+    return out
 
-    def branch(j, w_leaves, g_leaves):
-      if j < 0:
-        return jnp.zeros(shape, w_leaves[b.first.leaf_index].dtype), jnp.array(True)
-      t = b.members[j]
-      w = blocks.layer_slice(w_leaves[t.leaf_index], t, l)
-      g = blocks.layer_slice(g_leaves[t.leaf_index], t, l)
-      return (blocks.get_layer_block(w, t, ts.rows[p], ts.cols[p]),
-              jnp.all(jnp.isfinite(g)))
+  def layer_switch(plan: LoSiAPlan, index, branch, default, *operands):
+    """``lax.switch`` over layer ids (0: ``default``; ``lid + 1``: ``branch(lid, ...)``).
 
-    fns = [functools.partial(branch, j) for j in range(-1, len(b.members))]
-    return jax.lax.switch(m, fns, w_leaves, g_leaves)
+    One conditional for all roles: XLA conditionals are sync points on CPU, so
+    one per step is much cheaper than one per role or per matrix.
+    """
+    fns = [default] + [functools.partial(branch, lid) for lid in range(plan.total)]
+    return jax.lax.switch(index, fns, *operands)
+
+  def inspect_owner(plan: LoSiAPlan, state: LoSiAState, w_leaves, g_leaves, owner):
+    """Async, before any weight is written: the old blocks of the profiling
+    layer's matrices (``{role: block}``) and whether its full gradients are finite."""
+    shapes = {b.role: jnp.zeros(b.first.block_shape, w_leaves[b.first.leaf_index].dtype)
+              for b in plan.buckets}
+
+    def branch(lid, w_leaves, g_leaves):
+      blks, ok = dict(shapes), jnp.array(True)
+      for b, j, l, p in at_layer(plan, lid):
+        t, ts = b.members[j], state.targets[b.role]
+        w = blocks.layer_slice(w_leaves[t.leaf_index], t, l)
+        g = blocks.layer_slice(g_leaves[t.leaf_index], t, l)
+        blks[b.role] = blocks.get_layer_block(w, t, ts.rows[p], ts.cols[p])
+        ok = ok & jnp.all(jnp.isfinite(g))
+      return blks, ok
+
+    return layer_switch(plan, owner + 1, branch, lambda w, g: (dict(shapes), jnp.array(True)),
+                        w_leaves, g_leaves)
 
   def profile(plan: LoSiAPlan, state: LoSiAState, w_layer, w_leaf, g_leaves, owner, finite):
     """Accumulates the importance of the profiling layer(s).
@@ -267,32 +288,32 @@ def scale_by_losia(
     importance = dict(state.importance)
     upd = lambda slot, w, g: update_importance(
         slot, w, g, cfg.importance, cfg.importance_beta1, cfg.importance_beta2)
-    for b in plan.buckets:
-      if is_async:
-        m, l, p = owner_of(b, plan, owner)
-
-        def branch(j, slot, g_leaves):
-          if j < 0:
-            return slot
+    if is_async:
+      def branch(lid, imp, g_leaves):
+        imp = dict(imp)
+        for b, j, l, p in at_layer(plan, lid):
           t = b.members[j]
-          return upd(slot, w_layer(b, j, l, p), blocks.layer_slice(g_leaves[t.leaf_index], t, l))
+          imp[b.role] = upd(imp[b.role], w_layer(b, j, l, p),
+                            blocks.layer_slice(g_leaves[t.leaf_index], t, l))
+        return imp
 
-        fns = [functools.partial(branch, j) for j in range(-1, len(b.members))]
-        importance[b.role] = jax.lax.switch(jnp.where(finite, m, 0), fns,
-                                            importance[b.role], g_leaves)
-      else:
-        def run(slot, g_leaves, b=b):
-          for j, t in enumerate(b.members):
-            shape = (t.n,) + t.slice_shape
-            new = upd(jax.tree.map(lambda x: span(x, b, j), slot), w_leaf(b, j).reshape(shape),
-                      g_leaves[t.leaf_index].reshape(shape))
-            slot = jax.tree.map(lambda s, x, o=b.offsets[j]: s.at[o:o + x.shape[0]].set(x),
-                                slot, new)
-          return slot
+      return layer_switch(plan, jnp.where(finite, owner + 1, 0), branch, lambda imp, g: dict(imp),
+                          importance, g_leaves)
 
-        importance[b.role] = jax.lax.cond((owner == 0) & finite, run, lambda s, g: s,
-                                          importance[b.role], g_leaves)
-    return importance
+    def run(imp, g_leaves):  # sync: every target profiles, in one conditional
+      imp = dict(imp)
+      for b in plan.buckets:
+        slot = imp[b.role]
+        for j, t in enumerate(b.members):
+          shape = (t.n,) + t.slice_shape
+          new = upd(jax.tree.map(lambda x: span(x, b, j), slot), w_leaf(b, j).reshape(shape),
+                    g_leaves[t.leaf_index].reshape(shape))
+          slot = jax.tree.map(lambda s, x, o=b.offsets[j]: s.at[o:o + x.shape[0]].set(x),
+                              slot, new)
+        imp[b.role] = slot
+      return imp
+
+    return jax.lax.cond((owner == 0) & finite, run, lambda imp, g: dict(imp), importance, g_leaves)
 
   def choose(t: TargetSpec, slot_score: jax.Array):
     """New (rows, cols) of one per-layer matrix from its score (stored layout)."""
@@ -302,34 +323,36 @@ def scale_by_losia(
     return select_subnet(score, t.k_out, t.k_in)
 
   def relocalize(plan: LoSiAPlan, targets, importance, owner, do, step):
-    """End of a profiling window: new blocks, fresh inner state, empty slots."""
-    targets, importance = dict(targets), dict(importance)
-    for b in plan.buckets:
-      t = b.first
-      if is_async:
-        m, _, p = owner_of(b, plan, owner)
+    """End of a profiling window: new blocks, fresh inner state, empty slots.
 
-        def run(slot, ts, p, b=b, t=t):
+    One ``lax.cond`` for all roles (conditionals are costly sync points on
+    CPU); inside it each role updates the matrix of the profiling layer.
+    """
+    def run(targets, importance):
+      targets, importance = dict(targets), dict(importance)
+      for b in plan.buckets:
+        t, ts, slot = b.first, targets[b.role], importance[b.role]
+        if is_async:
+          m, _, p = owner_of(b, plan, owner)
           rows, cols = choose(t, importance_score(slot))
+          mine = m > 0  # the owner may hold no matrix of this role (e.g. the output layer)
           fresh = fresh_inner(b)
-          ts = TargetState(ts.rows.at[p].set(rows), ts.cols.at[p].set(cols),
-                           jax.tree.map(lambda x, f: x.at[p].set(f), ts.inner, fresh),
-                           ts.last_relocalization.at[p].set(step))
-          return jax.tree.map(jnp.zeros_like, slot), ts
-
-        pred = do & (m > 0)
-      else:
-        def run(slot, ts, p, b=b, t=t):
+          put = lambda x, v: x.at[p].set(jnp.where(mine, v, x[p]))
+          ts = TargetState(put(ts.rows, rows), put(ts.cols, cols),
+                           jax.tree.map(put, ts.inner, fresh),
+                           put(ts.last_relocalization, step))
+          slot = jax.tree.map(lambda x: jnp.where(mine, jnp.zeros_like(x), x), slot)
+        else:
           rows, cols = jax.vmap(lambda sc: choose(t, sc))(importance_score(slot))
           fresh = jax.vmap(lambda _: fresh_inner(b))(jnp.arange(b.size))
           ts = TargetState(rows, cols.reshape(ts.cols.shape), fresh,
                            jnp.full_like(ts.last_relocalization, step))
-          return jax.tree.map(jnp.zeros_like, slot), ts
+          slot = jax.tree.map(jnp.zeros_like, slot)
+        targets[b.role], importance[b.role] = ts, slot
+      return targets, importance
 
-        pred, p = do & (owner == 0), jnp.zeros([], jnp.int32)
-      importance[b.role], targets[b.role] = jax.lax.cond(
-          pred, run, lambda slot, ts, p: (slot, ts), importance[b.role], targets[b.role], p)
-    return targets, importance
+    pred = do & ((owner == 0) if not is_async else jnp.array(True))
+    return jax.lax.cond(pred, run, lambda a, b: (a, b), targets, importance)
 
   def prepare(grads, state: LoSiAState, params):
     """The update of every block and non-target, and whether the step is finite."""
@@ -361,9 +384,9 @@ def scale_by_losia(
       finite = finite & jnp.all(jnp.isfinite(gblk[b.role]))
       if need_all_w:
         wblk[b.role] = gather_all(w_leaves, b, ts)
-      if is_async:
-        wown[b.role], ok = inspect_owner(b, ts, w_leaves, g_leaves, owner_of(b, plan, owner))
-        finite = finite & ok
+    if is_async:
+      wown, ok = inspect_owner(plan, state, w_leaves, g_leaves, owner)
+      finite = finite & ok
     if not is_async:
       finite = finite & jax.lax.cond(
           owner == 0, lambda g: _all_finite(g[t.leaf_index] for t in plan.targets),
