@@ -281,8 +281,9 @@ def make_plan(params: Any, config: LoSiAConfig, *, output_module: str = "lm_head
   if not target_idx:
     sample = ", ".join(keys[:8]) + (", ..." if len(keys) > 8 else "")
     raise ValueError(
-        f"target_modules={list(config.target_modules)} match no parameter; "
-        f"parameter paths are: {sample}")
+        f"target_modules={list(config.target_modules)} match no parameter (targets are the "
+        f"{', '.join(_names.WEIGHT_LEAF_NAMES[:-1])} or {_names.WEIGHT_LEAF_NAMES[-1]} leaves "
+        f"of matched modules); parameter paths are: {sample}")
 
   bad_rank, no_layer = [], []
   for i in target_idx:

@@ -1,0 +1,325 @@
+"""losia_jax transformation: hand-checked trajectory, invariants and ecosystem use."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import losia_jax
+from tests.jax.helpers import compare_with_oracle, random_grads, tiny_params
+
+LR = 0.01
+
+
+def two_layer():
+  # torch layout ("weight" = [d_out, d_in]); 2 layers x one 4x4 target, p = 0.5
+  return {"layers": [{"q_proj": {"weight": jnp.ones((4, 4))}} for _ in range(2)]}
+
+
+def grad_with_block(rows, cols):
+  g = np.full((4, 4), 0.1, np.float32)
+  g[np.ix_(rows, cols)] = 0.9
+  return jnp.asarray(g)
+
+
+def test_hand_checked_trajectory_through_two_relocalizations():
+  cfg = losia_jax.LoSiAConfig(rank_factor=0.5, period=2)  # total = 2 layers, T = 2
+  tx = losia_jax.losia(LR, cfg)
+  params = two_layer()
+  state = tx.init(params)
+  st0 = losia_jax.find_losia_state(state)
+  init_rows = np.asarray(st0.targets["q_proj"].rows)
+  init_cols = np.asarray(st0.targets["q_proj"].cols)
+  step = jax.jit(lambda p, s, g: tx.apply_gradients(g, s, p))
+
+  def run(g0, g1):
+    nonlocal params, state
+    before = jax.tree.map(np.asarray, params)
+    params, state = step(params, state, {"layers": [{"q_proj": {"weight": g0}},
+                                                     {"q_proj": {"weight": g1}}]})
+    st = losia_jax.find_losia_state(state)
+    after = jax.tree.map(np.asarray, params)
+    return st, [after["layers"][i]["q_proj"]["weight"] - before["layers"][i]["q_proj"]["weight"]
+                for i in range(2)]
+
+  a = grad_with_block([1, 3], [0, 2])
+  b = grad_with_block([0, 2], [1, 3])
+  # steps 0, 1: layer 0 profiles; at the end of step 1 it relocalizes onto {1,3} x {0,2}
+  st, d = run(a, a)
+  assert (st.targets["q_proj"].rows == init_rows).all()
+  assert float(jnp.abs(st.importance["q_proj"].ibar).sum()) > 0  # layer 0's slot filled
+  # first step: Adam with bias correction gives u = g / (|g| + eps) -> the block moves by -LR
+  for i in range(2):
+    blk = np.ix_(init_rows[i], init_cols[i])
+    np.testing.assert_allclose(d[i][blk], -LR, atol=1e-6)
+    mask = np.zeros((4, 4), bool); mask[blk] = True
+    assert (d[i][~mask] == 0).all()  # only the block changes
+  st, d = run(a, a)
+  rows, cols = np.asarray(st.targets["q_proj"].rows), np.asarray(st.targets["q_proj"].cols)
+  assert rows[0].tolist() == [1, 3] and cols[0].tolist() == [0, 2]
+  assert (rows[1] == init_rows[1]).all()
+  assert st.targets["q_proj"].last_relocalization.tolist() == [1, -1]
+  assert st.targets["q_proj"].inner.count.tolist() == [0, 2]  # fresh state, step count too
+  assert float(jnp.abs(st.importance["q_proj"].ibar).sum()) == 0  # slot emptied
+  # step 2: layer 0 on its new block with rewarm 0 -> no change; layer 1 profiles
+  st, d = run(a, b)
+  assert (d[0] == 0).all() and np.abs(d[1]).max() > 0
+  assert st.targets["q_proj"].inner.count.tolist() == [1, 3]
+  # step 3: rewarm 1/2, Adam u = 1 for a constant gradient -> block moves by -LR/2
+  st, d = run(a, b)
+  blk = np.ix_([1, 3], [0, 2])
+  np.testing.assert_allclose(d[0][blk], -LR / 2, atol=1e-6)
+  mask = np.zeros((4, 4), bool); mask[blk] = True
+  assert (d[0][~mask] == 0).all()
+  # end of step 3: layer 1 relocalizes onto {0,2} x {1,3}
+  assert st.targets["q_proj"].rows[1].tolist() == [0, 2]
+  assert st.targets["q_proj"].cols[1].tolist() == [1, 3]
+  assert st.targets["q_proj"].last_relocalization.tolist() == [1, 3]
+  # steps 4, 5: layer 0 profiles again with gradient pattern b -> second relocalization
+  run(b, a)
+  st, d = run(b, a)
+  assert st.targets["q_proj"].rows[0].tolist() == [0, 2]
+  assert st.targets["q_proj"].cols[0].tolist() == [1, 3]
+  assert st.targets["q_proj"].last_relocalization.tolist() == [5, 3]
+  assert int(st.count) == 6
+
+
+def test_fused_and_optax_paths_bit_identical():
+  cfg = losia_jax.LoSiAConfig(rank_factor=0.34, period=2, output_rank_factor=0.2)
+  tx = losia_jax.losia(0.03, cfg, weight_decay=0.01, output_module="embed_tokens")
+  p1 = p2 = tiny_params()
+  s1 = s2 = tx.init(p1)
+  fused = jax.jit(lambda p, s, g: tx.apply_gradients(g, s, p))
+  plain = jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(*tx.update(g, s, p)))
+  rng = np.random.default_rng(0)
+  for _ in range(9):
+    g = random_grads(p1, rng)
+    p1, s1 = fused(p1, s1, g)
+    p2, s2 = plain(p2, s2, g)
+  assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), (p1, s1), (p2, s2))))
+
+
+def test_init_is_abstract_and_state_shapes_never_change():
+  cfg = losia_jax.LoSiAConfig(rank_factor=0.34, period=1)  # relocalize every step
+  tx = losia_jax.losia(0.01, cfg)
+  params = tiny_params()
+  abstract = jax.eval_shape(tx.init, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params))
+  state = tx.init(params)
+  spec = lambda t: jax.tree.map(lambda x: (x.shape, x.dtype), t)
+  assert spec(abstract) == spec(state)
+
+  def body(carry, g):
+    p, s = carry
+    return tx.apply_gradients(g, s, p), None
+
+  rng = np.random.default_rng(0)
+  gs = jax.tree.map(lambda *x: jnp.stack(x), *[random_grads(params, rng) for _ in range(5)])
+  (p, s), _ = jax.jit(lambda c, g: jax.lax.scan(body, c, g))((params, state), gs)
+  assert spec(s) == spec(state) and int(losia_jax.find_losia_state(s).count) == 5
+
+
+def test_non_finite_gradients_skip_the_step():
+  cfg = losia_jax.LoSiAConfig(rank_factor=0.34, period=2)
+  tx = losia_jax.losia(0.01, cfg)
+  params = tiny_params()
+  state = tx.init(params)
+  step = jax.jit(lambda p, s, g: tx.apply_gradients(g, s, p))
+  rng = np.random.default_rng(0)
+  params, state = step(params, state, random_grads(params, rng))
+  st = losia_jax.find_losia_state(state)
+  # NaN inside a target's block
+  g = random_grads(params, rng)
+  key = "model.layers.0.self_attn.q_proj.kernel"
+  r, c = int(st.targets["self_attn.q_proj"].rows[0, 0]), int(st.targets["self_attn.q_proj"].cols[0, 0])
+  g["model"]["layers"][0]["self_attn"]["q_proj"]["kernel"] = \
+      g["model"]["layers"][0]["self_attn"]["q_proj"]["kernel"].at[c, r].set(jnp.nan)
+  p2, s2 = step(params, state, g)
+  assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), params, p2)))
+  st2 = losia_jax.find_losia_state(s2)
+  assert int(st2.count) == 1 and int(st2.notfinite_count) == 1
+  assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)),
+                                          st._replace(notfinite_count=0), st2._replace(notfinite_count=0))))
+  # Inf in the profiling layer (layer 0 owns slot 0) outside any block: importance would be poisoned
+  g = random_grads(params, rng)
+  w = g["model"]["layers"][0]["mlp"]["down_proj"]["kernel"]
+  blk_rows = set(np.asarray(st.targets["mlp.down_proj"].rows[0]).tolist())
+  free_out = next(i for i in range(w.shape[1]) if i not in blk_rows)
+  g["model"]["layers"][0]["mlp"]["down_proj"]["kernel"] = w.at[0, free_out].set(jnp.inf)
+  p3, s3 = step(params, state, g)
+  assert int(losia_jax.find_losia_state(s3).notfinite_count) == 1
+  assert np.isfinite(np.asarray(losia_jax.find_losia_state(s3).importance["mlp.down_proj"].ibar)).all()
+  # a NaN that the step does not read (another layer, outside its block) is ignored
+  g = random_grads(params, rng)
+  w = g["model"]["layers"][2]["mlp"]["down_proj"]["kernel"]
+  blk_rows = set(np.asarray(st.targets["mlp.down_proj"].rows[2]).tolist())
+  free_out = next(i for i in range(w.shape[1]) if i not in blk_rows)
+  g["model"]["layers"][2]["mlp"]["down_proj"]["kernel"] = w.at[0, free_out].set(jnp.nan)
+  _, s4 = step(params, state, g)
+  assert int(losia_jax.find_losia_state(s4).count) == 2
+
+
+def test_chain_with_clipping_and_multisteps():
+  cfg = losia_jax.LoSiAConfig(rank_factor=0.34, period=2)
+  params = tiny_params()
+  rng = np.random.default_rng(0)
+  grads = [random_grads(params, rng, 10.0) for _ in range(8)]
+  # losia_jax.chain keeps the fused path and equals optax.chain
+  tx = losia_jax.chain(optax.clip_by_global_norm(1.0), losia_jax.losia(0.01, cfg))
+  ref = optax.chain(optax.clip_by_global_norm(1.0), losia_jax.losia(0.01, cfg))
+  p1, s1, p2, s2 = params, tx.init(params), params, ref.init(params)
+  fused = jax.jit(lambda p, s, g: tx.apply_gradients(g, s, p))
+  plain = jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(*ref.update(g, s, p)))
+  for g in grads[:4]:
+    p1, s1 = fused(p1, s1, g)
+    p2, s2 = plain(p2, s2, g)
+  assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), p1, p2)))
+  # MultiSteps(k=2) on pairs == one step on the mean gradient
+  ms = optax.MultiSteps(losia_jax.losia(0.01, cfg), every_k_schedule=2)
+  one = losia_jax.losia(0.01, cfg)
+  pa, sa, pb, sb = params, ms.init(params), params, one.init(params)
+  step_ms = jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(*ms.update(g, s, p)))
+  step_one = jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(*one.update(g, s, p)))
+  for i in range(0, 8, 2):
+    for g in grads[i:i + 2]:
+      pa, sa = step_ms(pa, sa, g)
+    mean = jax.tree.map(lambda x, y: (x + y) / 2, grads[i], grads[i + 1])
+    pb, sb = step_one(pb, sb, mean)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), pa, pb)
+
+
+class TinyBlock(nnx.Module):
+  def __init__(self, rngs):
+    self.q_proj = nnx.Linear(8, 8, use_bias=True, rngs=rngs)
+    self.up_proj = nnx.Linear(8, 16, use_bias=False, rngs=rngs)
+
+
+class TinyModel(nnx.Module):
+  def __init__(self, rngs):
+    self.layers = nnx.List([TinyBlock(rngs) for _ in range(2)])
+    self.head = nnx.Linear(16, 1, rngs=rngs)
+
+  def __call__(self, x):
+    for blk in self.layers:
+      x = jax.nn.relu(blk.up_proj(blk.q_proj(x)))[..., :8]
+    return self.head(jnp.concatenate([x, x], -1))
+
+
+def test_nnx_optimizer_trains_and_matches_plain_optax():
+  cfg = losia_jax.LoSiAConfig(rank_factor=0.25, period=3)
+  model = TinyModel(nnx.Rngs(0))
+  params0 = nnx.as_pure(nnx.state(model, nnx.Param))  # arrays: a snapshot
+  opt = nnx.Optimizer(model, losia_jax.losia(0.05, cfg), wrt=nnx.Param)
+  x = jax.random.normal(jax.random.key(1), (16, 8))
+  y = jnp.sum(x, -1, keepdims=True)
+  loss_fn = lambda m: jnp.mean((m(x) - y) ** 2)
+
+  @nnx.jit
+  def train_step(model, opt):
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    opt.update(model, grads)
+    return loss
+
+  losses = [float(train_step(model, opt)) for _ in range(12)]
+  assert losses[-1] < losses[0]
+  # same run with the plain optax API on the pure params
+  graphdef, _ = nnx.split(TinyModel(nnx.Rngs(0)))
+  tx = losia_jax.losia(0.05, cfg)
+  p = params0
+  s = tx.init(p)
+  @jax.jit
+  def plain_step(p, s):
+    g = jax.grad(lambda p: loss_fn(nnx.merge(graphdef, p)))(p)
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  for _ in range(12):
+    p, s = plain_step(p, s)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               nnx.as_pure(nnx.state(model, nnx.Param)), p)
+
+
+def test_bf16_params_fp32_state():
+  cfg = losia_jax.LoSiAConfig(rank_factor=0.34, period=2)
+  params = tiny_params(dtype=jnp.bfloat16)
+  tx = losia_jax.losia(0.01, cfg)
+  state = tx.init(params)
+  st = losia_jax.find_losia_state(state)
+  assert st.targets["self_attn.q_proj"].inner.mu.dtype == jnp.float32
+  assert st.importance["self_attn.q_proj"].ibar.dtype == jnp.float32
+  rng = np.random.default_rng(0)
+  step = jax.jit(lambda p, s, g: tx.apply_gradients(g, s, p))
+  for _ in range(7):
+    params, state = step(params, state, random_grads(params, rng))
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params))
+  assert int(losia_jax.find_losia_state(state).count) == 7
+
+
+def test_stacked_layers_equal_unstacked():
+  cfg = losia_jax.LoSiAConfig(rank_factor=0.34, period=2)
+  params = tiny_params()
+  stack = lambda p: {**p, "model": {**p["model"], "layers": jax.tree.map(lambda *x: jnp.stack(x), *p["model"]["layers"])}}
+  tx1 = losia_jax.losia(0.02, cfg)
+  tx2 = losia_jax.losia(0.02, cfg, stacked_layers=True)
+  p1, p2 = params, stack(params)
+  s1, s2 = tx1.init(p1), tx2.init(p2)
+  rng = np.random.default_rng(3)
+  step1 = jax.jit(lambda p, s, g: tx1.apply_gradients(g, s, p))
+  step2 = jax.jit(lambda p, s, g: tx2.apply_gradients(g, s, p))
+  for _ in range(13):
+    g = random_grads(params, rng)
+    p1, s1 = step1(p1, s1, g)
+    p2, s2 = step2(p2, s2, stack(g))
+  # same indices at every matrix; weights equal up to XLA's vectorization of the math
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), stack(p1), p2)
+  t1, t2 = losia_jax.find_losia_state(s1).targets, losia_jax.find_losia_state(s2).targets
+  for role in t1:
+    for f in ("rows", "cols", "last_relocalization"):
+      np.testing.assert_array_equal(getattr(t1[role], f), getattr(t2[role], f))
+  assert int(t1["self_attn.q_proj"].last_relocalization.max()) >= 0  # relocalized
+
+
+def test_memory_formula_llama_shaped():
+  """State bytes = 4 * (2 p^2 target + 2 one-layer targets + non-target state) within 2%."""
+  h, i, L, V = 64, 176, 6, 256
+  kv = 32
+  layer = lambda: {"self_attn": {"q_proj": {"kernel": jax.ShapeDtypeStruct((h, h), jnp.float32)},
+                                 "k_proj": {"kernel": jax.ShapeDtypeStruct((h, kv), jnp.float32)},
+                                 "v_proj": {"kernel": jax.ShapeDtypeStruct((h, kv), jnp.float32)},
+                                 "o_proj": {"kernel": jax.ShapeDtypeStruct((h, h), jnp.float32)}},
+                   "mlp": {"gate_proj": {"kernel": jax.ShapeDtypeStruct((h, i), jnp.float32)},
+                           "up_proj": {"kernel": jax.ShapeDtypeStruct((h, i), jnp.float32)},
+                           "down_proj": {"kernel": jax.ShapeDtypeStruct((i, h), jnp.float32)}},
+                   "input_layernorm": {"scale": jax.ShapeDtypeStruct((h,), jnp.float32)}}
+  params = {"model": {"embed_tokens": {"embedding": jax.ShapeDtypeStruct((V, h), jnp.float32)},
+                      "layers": [layer() for _ in range(L)]}}
+  p = 0.125
+  for policy in ("train", "freeze"):
+    cfg = losia_jax.LoSiAConfig(rank_factor=p, non_target=policy)
+    tx = losia_jax.losia(1e-3, cfg)
+    state = jax.eval_shape(tx.init, params)
+    plan = tx.plan(params)
+    target = plan.target_params
+    one_layer = target // L
+    non_target = sum(np.prod(x.shape) for x in jax.tree.leaves(params)) - target
+    formula = 4 * (2 * p * p * target + 2 * one_layer + (2 * non_target if policy == "train" else 0))
+    got = losia_jax.state_nbytes(state)
+    assert abs(got - formula) / formula < 0.02, (policy, got, formula)
+  # the inner state is compact: p^2 of AdamW's for the targets
+  st = losia_jax.find_losia_state(state)
+  mu = st.targets["mlp.gate_proj"].inner.mu
+  assert mu.shape == (L, i // 8, h // 8)  # [layers, k_in, k_out] in the kernel's layout
+
+
+def test_bad_arguments():
+  with pytest.raises(ValueError, match="weight_decay"):
+    losia_jax.losia(0.1, weight_decay=-1.0)
+  with pytest.raises(ValueError, match="learning_rate"):
+    losia_jax.losia(-0.1)
+  with pytest.raises(TypeError, match="config"):
+    losia_jax.losia(0.1, {"rank_factor": 0.1})
+  tx = losia_jax.losia(0.1)
+  params = {"layers": [{"q_proj": {"weight": jnp.ones((8, 8))}}]}
+  with pytest.raises(ValueError, match="needs `params`"):
+    tx.update(params, tx.init(params))
