@@ -309,7 +309,7 @@ def test_memory_formula_llama_shaped():
   # the inner state is compact: p^2 of AdamW's for the targets
   st = losia_jax.find_losia_state(state)
   mu = st.targets["mlp.gate_proj"].inner.mu
-  assert mu.shape == (L, i // 8, h // 8)  # [layers, k_in, k_out] in the kernel's layout
+  assert mu.shape == (L, h // 8, i // 8)  # [layers, k_in, k_out]: the kernel layout
 
 
 def test_bad_arguments():
