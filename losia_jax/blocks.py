@@ -25,7 +25,7 @@ def _matrix_index(spec: TargetSpec, r: jax.Array, c: jax.Array) -> tuple:
 def block_index(spec: TargetSpec, rows: jax.Array, cols: jax.Array) -> tuple:
   """Advanced index of the block in the stored leaf.
 
-  ``rows`` is ``[n, k_out]`` and ``cols`` ``[n, k_in]`` (``[n, 0]`` in row mode).
+  ``rows`` is ``[n, k_out]`` and ``cols`` ``[n, k_in]`` (all columns in row mode).
   """
   if spec.stacked and not spec.row_mode:
     li = jnp.arange(spec.n, dtype=jnp.int32)[:, None, None]

@@ -9,7 +9,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from losia_jax.importance import ImportanceState
-from losia_jax.transform import LoSiAState, LoSiATransformation, TargetState
+from losia_jax.transform import LoSiAState, LoSiATransformation
 
 
 def _replicated(mesh):
@@ -31,25 +31,19 @@ def _losia_state_shardings(tx: LoSiATransformation, abstract: LoSiAState, params
   # every device gathers and scatters its shard of a block without talking.
   targets = {k: jax.tree.map(lambda _: rep, ts) for k, ts in abstract.targets.items()}
   importance = {}
-  specs_by_key = {t.key: t for t in plan.targets}
-  roles = plan.roles()
-  for key, slot in abstract.importance.items():
-    if key in specs_by_key:  # sync: one slot per target, [n, *slice]
-      t = specs_by_key[key]
-      sh = sh_leaves[t.leaf_index]
-      sh = sh if t.stacked else NamedSharding(mesh, PartitionSpec(None, *tuple(sh.spec)))
-    else:  # async: one slot per role, shaped like one layer's matrix
-      t = roles[key][0]
-      sh = sh_leaves[t.leaf_index]
-      sh = _drop_leading(sh) if t.stacked else sh
-    importance[key] = ImportanceState(sh, sh)
+  for b in plan.buckets:
+    t = b.first
+    sh = sh_leaves[t.leaf_index]
+    layer_sh = _drop_leading(sh) if t.stacked else sh  # one layer's matrix
+    if abstract.importance[b.role].ibar.ndim == len(t.slice_shape):  # async: one matrix
+      slot_sh = layer_sh
+    else:  # sync: [N, *slice]
+      slot_sh = NamedSharding(mesh, PartitionSpec(None, *tuple(layer_sh.spec)))
+    importance[b.role] = ImportanceState(slot_sh, slot_sh)
   nt_sh = {k: sh_leaves[i] for k, i in plan.non_targets}
 
-  def nt_leaf(x):
-    return rep
-
   if isinstance(abstract.non_target, optax.EmptyState) or not plan.non_targets:
-    non_target = jax.tree.map(nt_leaf, abstract.non_target)
+    non_target = jax.tree.map(lambda _: rep, abstract.non_target)
   else:
     # Param-shaped leaves of the inner state (Adam moments) follow the params.
     non_target = optax.tree_map_params(

@@ -48,7 +48,7 @@ class TargetState(NamedTuple):
 
   Attributes:
     rows: int32 ``[N, k_out]``, sorted output-neuron indices of each block.
-    cols: int32 ``[N, k_in]``, sorted input-neuron indices (``[N, 0]`` in row mode).
+    cols: int32 ``[N, k_in]``, sorted input-neuron indices (all ``d_in`` columns in row mode).
     inner: the inner optimizer's state on compact ``[N, *block_shape]`` arrays
       (block in the weight's stored layout), vmapped over ``N`` so each matrix
       restarts on its own.
@@ -208,7 +208,7 @@ def scale_by_losia(
       t = b.first
       rows = np.stack([initial_indices(cfg.seed, i, t.d_out, t.k_out, "rows")
                        for i in b.identities])
-      cols = (np.zeros((b.size, 0), np.int64) if t.row_mode else
+      cols = (np.tile(np.arange(t.d_in), (b.size, 1)) if t.row_mode else
               np.stack([initial_indices(cfg.seed, i, t.d_in, t.k_in, "cols")
                         for i in b.identities]))
       inner = jax.vmap(base.init)(jnp.zeros((b.size,) + t.block_shape, jnp.float32))
@@ -319,7 +319,7 @@ def scale_by_losia(
     """New (rows, cols) of one per-layer matrix from its score (stored layout)."""
     score = slot_score.T if t.transposed else slot_score
     if t.row_mode:
-      return select_rows(score, t.k_out), jnp.zeros((0,), jnp.int32)
+      return select_rows(score, t.k_out), jnp.arange(t.d_in, dtype=jnp.int32)
     return select_subnet(score, t.k_out, t.k_in)
 
   def relocalize(plan: LoSiAPlan, targets, importance, owner, do, step):
