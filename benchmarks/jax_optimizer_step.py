@@ -51,6 +51,13 @@ def smollm2_params(layers: int, dtype=jnp.float32, seed: int = 0):
                     "norm": {"scale": jnp.ones((h,), dtype)}}}
 
 
+def stack_layers(params):
+  """The layer list as one leaf per role with a leading layer axis."""
+  layers = params["model"]["layers"]
+  stacked = jax.tree.map(lambda *x: jnp.stack(x), *layers)
+  return {"model": {**params["model"], "layers": stacked}}
+
+
 def time_steps(step, params, state, grads, n, classify=None):
   """Runs ``n`` timed steps after 2 warm-ups; returns {class: [seconds]}."""
   for _ in range(2):
@@ -76,7 +83,6 @@ def main():
   args = ap.parse_args()
 
   params = smollm2_params(args.layers)
-  grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)
   n_params = sum(x.size for x in jax.tree.leaves(params))
 
   def adamw_step(tx):
@@ -93,6 +99,7 @@ def main():
 
   def run(name, tx, make_step, losia_cfg=None):
     p = jax.tree.map(jnp.copy, params)
+    grads = jax.tree.map(lambda x: jnp.full_like(x, 1e-3), p)
     s = tx.init(p)
     nbytes = losia_jax.state_nbytes(s)
     classify = None
@@ -113,6 +120,13 @@ def main():
   run("losia fused, non_target=freeze", losia_jax.losia(1e-4, cfg_freeze), losia_fast, cfg_freeze)
   run("losia optax path, non_target=freeze", losia_jax.losia(1e-4, cfg_freeze), adamw_step, cfg_freeze)
   run("losia fused, non_target=train", losia_jax.losia(1e-4, cfg_train), losia_fast, cfg_train)
+  # the same parameters as one stacked leaf per role (scan-over-layers layout)
+  unstacked = params
+  params = stack_layers(params)
+  run("losia fused, stacked layers, freeze",
+      losia_jax.losia(1e-4, cfg_freeze, stacked_layers=True), losia_fast, cfg_freeze)
+  run("adamw, stacked layers", optax.adamw(1e-4, weight_decay=0.0), adamw_step)
+  params = unstacked
 
   base = results["adamw"]
   print(f"SmolLM2-135M-shaped params: {n_params:,} ({args.layers} layers), fp32, "
