@@ -14,7 +14,7 @@ Two ways to apply it:
 - the fused way: ``params, state = tx.apply_gradients(grads, state, params)``
   scatters each compact update into the (donated) weights in place and never
   materialises a parameter-sized update or zero buffer.
-Both give bit-identical parameters.
+Both give the same state and bit-identical target weights.
 
 Reference: Wang, Qi, Xu, "LoSiA: Efficient High-Rank Fine-Tuning via Subnet
 Localization and Optimization", arXiv:2507.04487 (EMNLP 2025).
@@ -354,7 +354,7 @@ def scale_by_losia(
     pred = do & ((owner == 0) if not is_async else jnp.array(True))
     return jax.lax.cond(pred, run, lambda a, b: (a, b), targets, importance)
 
-  def prepare(grads, state: LoSiAState, params):
+  def prepare(grads, state: LoSiAState, params, fused: bool):
     """The update of every block and non-target, and whether the step is finite."""
     if params is None:
       raise ValueError("LoSiA needs `params` in update(): importance and weight decay "
@@ -410,15 +410,28 @@ def scale_by_losia(
 
     nt_updates, non_target = {}, state.non_target
     if train_non_targets and plan.non_targets:
-      nt_grads = {k: g_leaves[i].astype(jnp.float32) for k, i in plan.non_targets}
-      u, new_nt = base.update(nt_grads, state.non_target)
-      for k, i in plan.non_targets:
-        v = u[k]
-        if weight_decay:
-          v = v + weight_decay * w_leaves[i].astype(jnp.float32)
-        v = v if lr is None else -lr * v
-        nt_updates[k] = jnp.where(finite, v, 0.0).astype(w_leaves[i].dtype)
-      non_target = _where(finite, new_nt, state.non_target)
+      nt_w = {k: w_leaves[i] for k, i in plan.non_targets}
+      nt_g = {k: g_leaves[i] for k, i in plan.non_targets}
+
+      def nt_step(nt_g, nt_w, nt_state, lr):
+        u, new_state = base.update(jax.tree.map(lambda g: g.astype(jnp.float32), nt_g), nt_state)
+        out = {}
+        for k, w in nt_w.items():
+          v = u[k] + weight_decay * w.astype(jnp.float32) if weight_decay else u[k]
+          v = v if lr is None else -lr * v
+          # fused path: the new weight itself, written in place; else the update
+          out[k] = (w + v.astype(w.dtype)).astype(w.dtype) if fused else v.astype(w.dtype)
+        return out, new_state
+
+      def nt_skip(nt_g, nt_w, nt_state, lr):
+        if fused:
+          return dict(nt_w), nt_state
+        return {k: jnp.zeros_like(w) for k, w in nt_w.items()}, nt_state
+
+      # A conditional rather than selects: a select between new and old Adam
+      # moments makes XLA keep (copy) the old embedding-sized moments.
+      nt_updates, non_target = jax.lax.cond(finite, nt_step, nt_skip, nt_g, nt_w,
+                                            state.non_target, lr)
     return dict(plan=plan, state=state, g_leaves=g_leaves, s=s, owner=owner, finite=finite,
                 wblk=wblk, wown=wown, deltas=deltas, targets=targets, nt_updates=nt_updates,
                 non_target=non_target)
@@ -445,7 +458,7 @@ def scale_by_losia(
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    c = prepare(updates, state, params)
+    c = prepare(updates, state, params, fused=False)
     w_leaves = jax.tree_util.tree_leaves(params)
     new_state = finish(
         c, lambda b, j, l, p: blocks.layer_slice(w_leaves[b.members[j].leaf_index], b.members[j], l),
@@ -457,12 +470,12 @@ def scale_by_losia(
     return jax.tree_util.tree_unflatten(treedef, out), new_state
 
   def apply_fn(grads, state, params):
-    c = prepare(grads, state, params)
+    c = prepare(grads, state, params, fused=True)
     leaves, treedef = jax.tree_util.tree_flatten(params)
     out = write(c, leaves, blocks.add_block)
     for k, i in c["plan"].non_targets:
       if k in c["nt_updates"]:
-        out[i] = (leaves[i] + c["nt_updates"][k]).astype(leaves[i].dtype)
+        out[i] = c["nt_updates"][k]  # already the new weight
 
     # Profiling reads the *updated* weights with the old block values put back:
     # bit-exact "weights before the step", while reading them before the
