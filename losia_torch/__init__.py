@@ -1,0 +1,52 @@
+"""LoSiA for PyTorch: high-rank fine-tuning of a dynamically localized subnet.
+
+Public API:
+- :class:`LoSiAOptimizer`: the optimizer (compact Adam per target block,
+  importance profiling, relocalization, rewarm, non-target policy);
+- :func:`get_losia_optimizer`: one-call setup for a (transformers) model, with a report;
+- :func:`enable_pro`, :func:`disable_pro`, :class:`LoSiAProLinear`: LoSiA-Pro
+  (linear layers whose backward computes only the block gradient);
+- :func:`enable_per_layer_step`, :func:`disable_per_layer_step` (also optimizer
+  methods): the optional mode that updates each parameter inside backward;
+- :class:`LoSiAConfig`: the configuration shared with ``losia_jax``;
+- :func:`select_subnet`, :func:`select_rows`, :func:`instant_importance`,
+  :func:`update_importance`, :func:`rewarm_factor`: the pure pieces of the method;
+- :func:`make_plan`, :class:`LoSiAPlan`, :class:`TargetSpec`: where LoSiA acts.
+"""
+
+from losia_common import LoSiAConfig, LoSiAConfigError
+from losia_torch.attach import get_losia_optimizer
+from losia_torch.importance import (ImportanceSlot, importance_score, instant_importance,
+                                    update_importance)
+from losia_torch.layerwise import disable_per_layer_step, enable_per_layer_step
+from losia_torch.optimizer import NONFINITE_MESSAGE, LoSiAOptimizer
+from losia_torch.pro import LoSiAProLinear, disable_pro, enable_pro, pro_linear
+from losia_torch.schedule import ends_slot, rewarm_factor
+from losia_torch.selection import select_rows, select_subnet, top_k_indices
+from losia_torch.targets import LoSiAPlan, TargetSpec, make_plan
+
+__all__ = [
+    "ImportanceSlot",
+    "LoSiAConfig",
+    "LoSiAConfigError",
+    "LoSiAOptimizer",
+    "LoSiAPlan",
+    "LoSiAProLinear",
+    "NONFINITE_MESSAGE",
+    "TargetSpec",
+    "disable_per_layer_step",
+    "disable_pro",
+    "enable_per_layer_step",
+    "enable_pro",
+    "ends_slot",
+    "get_losia_optimizer",
+    "importance_score",
+    "instant_importance",
+    "make_plan",
+    "pro_linear",
+    "rewarm_factor",
+    "select_rows",
+    "select_subnet",
+    "top_k_indices",
+    "update_importance",
+]

@@ -1,0 +1,53 @@
+"""One-call, PEFT-style setup of LoSiA for a (transformers) model."""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+
+from losia_common import LoSiAConfig
+from losia_torch.optimizer import LoSiAOptimizer
+
+logger = logging.getLogger("losia_torch")
+
+
+def get_losia_optimizer(model: torch.nn.Module, config: Optional[LoSiAConfig] = None, *,
+                        lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.999),
+                        eps: float = 1e-8, weight_decay: float = 0.0, pro: bool = False,
+                        output_module: str = "lm_head", verbose: bool = True) -> LoSiAOptimizer:
+  """Builds a :class:`LoSiAOptimizer` for ``model`` and reports what it selected.
+
+  Finds the targets by the config's ``target_modules`` (by default the q, k, v, o,
+  gate, up and down projections, the naming of LLaMA, Qwen2 and Mistral in
+  transformers); the output layer is ``model.get_output_embeddings()`` (for
+  tied embeddings the shared embedding matrix) when ``output_rank_factor > 0``.
+
+  Args:
+    model: an ``nn.Module``, e.g. a ``transformers`` ``*ForCausalLM``.
+    config: the LoSiA configuration (defaults if None).
+    lr, betas, eps, weight_decay: Adam(W) hyper-parameters.
+    pro: switch the targets' linear layers to LoSiA-Pro (compact backward).
+    output_module: output-layer module name when the model has no
+      ``get_output_embeddings()``.
+    verbose: print the report (it is also logged at INFO level and kept in
+      ``optimizer.report``).
+
+  Returns:
+    The optimizer; ``optimizer.plan`` lists the targets, ``optimizer.report``
+    holds the text report (target count, trainable block parameters).
+  """
+  if not isinstance(model, torch.nn.Module):
+    raise TypeError(f"get_losia_optimizer needs an nn.Module; got {type(model).__name__}")
+  opt = LoSiAOptimizer(model, config, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                       output_module=output_module)
+  report = opt.summary()
+  if pro:
+    names = opt.enable_pro(model)
+    report += f"\n  LoSiA-Pro: {len(names)} of {len(opt.plan.targets)} targets use the compact backward"
+  opt.report = report
+  logger.info("%s", report)
+  if verbose:
+    print(report)
+  return opt

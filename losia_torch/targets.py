@@ -1,0 +1,232 @@
+"""Finding LoSiA targets among named torch parameters: names, layer ids, block sizes.
+
+The naming rules are the framework-neutral ones of ``losia_common.names``, so
+``losia_torch`` and ``losia_jax`` pick the same targets, layer ids and initial
+subnets for the same model. A torch ``nn.Linear.weight`` is already
+``[d_out, d_in]``; nothing is transposed here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Sequence
+
+import torch
+
+from losia_common import LoSiAConfig
+from losia_common import names as _names
+from losia_common import schedule as _schedule
+from losia_common.subnet import block_size
+
+
+@dataclasses.dataclass(eq=False)
+class TargetSpec:
+  """One target matrix.
+
+  Attributes:
+    name: dotted parameter name (as in ``named_parameters()``).
+    param: the parameter itself.
+    parsed: the parsed name (``losia_common.names.ParamName``).
+    d_out, d_in: neuron counts (``weight.shape``).
+    k_out, k_in: block sizes; ``k_in == d_in`` in row mode.
+    row_mode: the output layer: ``k_out`` full rows are trained.
+    layer_id: schedule id (decoder layer ``i`` -> ``i + a``; output layer 0).
+    identity: canonical identity that seeds the initial subnet.
+    role: module path inside its layer (``self_attn.q_proj``; ``output``);
+      in async mode the targets of one role share one profiling buffer.
+  """
+
+  name: str
+  param: torch.Tensor
+  parsed: _names.ParamName
+  d_out: int
+  d_in: int
+  k_out: int
+  k_in: int
+  row_mode: bool
+  layer_id: int
+  identity: str
+  role: str
+
+  @property
+  def block_shape(self) -> tuple[int, int]:
+    return (self.k_out, self.k_in)
+
+  @property
+  def block_params(self) -> int:
+    return self.k_out * self.k_in
+
+
+@dataclasses.dataclass(eq=False)
+class LoSiAPlan:
+  """Where LoSiA acts.
+
+  Attributes:
+    targets: the target matrices, in parameter order.
+    non_targets: ``(name, param)`` of every other parameter.
+    num_layers: L, the number of decoder layers (max layer index + 1).
+    output_is_target: whether the output layer is a target (a = 1).
+    total: number of profiling slots per round, ``L + a``.
+  """
+
+  targets: list[TargetSpec]
+  non_targets: list[tuple[str, torch.Tensor]]
+  num_layers: int
+  output_is_target: bool
+  total: int
+
+  @property
+  def target_params(self) -> int:
+    return sum(t.d_out * t.d_in for t in self.targets)
+
+  @property
+  def trainable_block_params(self) -> int:
+    return sum(t.block_params for t in self.targets)
+
+  @property
+  def non_target_params(self) -> int:
+    return sum(p.numel() for _, p in self.non_targets)
+
+  def summary(self, non_target: str = "train") -> str:
+    """A human-readable report of what LoSiA selected."""
+    total = self.target_params
+    blk = self.trainable_block_params
+    lines = [
+        f"LoSiA: {len(self.targets)} target matrices, {self.num_layers} decoder layers"
+        + (", output layer in row mode" if self.output_is_target else ""),
+        f"  target params {total:,}; trainable block params {blk:,} ({blk / max(total, 1):.2%})",
+        f"  non-target params {self.non_target_params:,} in {len(self.non_targets)} tensors "
+        f"({non_target})",
+    ]
+    return "\n".join(lines)
+
+
+def split_name(name: str) -> tuple[str, ...]:
+  return tuple(name.split(".")) if name else ("<root>",)
+
+
+def named_parameters_of(obj: Any) -> tuple[list[tuple[str, torch.Tensor]], Optional[torch.Tensor]]:
+  """``(named params, output-layer weight or None)`` of a module or a named list.
+
+  A module gives ``named_parameters()`` (tied weights appear once) and, when it
+  has ``get_output_embeddings()`` (transformers models), that module's weight:
+  for tied embeddings the embedding parameter. A ``DistributedDataParallel``
+  wrapper is looked through, so names match the single-process model.
+  """
+  if isinstance(obj, torch.nn.Module):
+    inner = obj
+    while isinstance(inner, torch.nn.parallel.DistributedDataParallel):
+      inner = inner.module
+    out = None
+    get = getattr(inner, "get_output_embeddings", None)
+    if callable(get):
+      try:
+        mod = get()
+      except (NotImplementedError, AttributeError):
+        mod = None
+      w = getattr(mod, "weight", None)
+      if isinstance(w, torch.Tensor):
+        out = w
+    return list(inner.named_parameters()), out
+  items = list(obj)
+  if not items:
+    raise ValueError("LoSiA got an empty parameter list")
+  for it in items:
+    if not (isinstance(it, (tuple, list)) and len(it) == 2 and isinstance(it[0], str)
+            and isinstance(it[1], torch.Tensor)):
+      raise TypeError(
+          "LoSiA needs parameter names to find its targets: pass a model or "
+          "`model.named_parameters()` ((name, tensor) pairs); got an element of type "
+          f"{type(it).__name__}")
+  return [(n, p) for n, p in items], None
+
+
+def make_plan(named: Sequence[tuple[str, torch.Tensor]], config: LoSiAConfig, *,
+              output_param: Optional[torch.Tensor] = None,
+              output_module: str = "lm_head") -> LoSiAPlan:
+  """Finds the targets of ``config`` among ``named`` parameters.
+
+  Args:
+    named: ``(name, parameter)`` pairs.
+    config: the LoSiA configuration.
+    output_param: the output-layer weight (for a transformers model the weight
+      of ``get_output_embeddings()``; the embedding when tied). If None and
+      ``config.output_rank_factor > 0``, the one weight whose module matches
+      ``output_module`` is used.
+    output_module: module name or regex of the output layer (see above).
+
+  Raises:
+    ValueError: naming the parameters or patterns, when no target matches, a
+      target is not 2-D, a target has no layer index, the output layer is asked
+      for but not found, or two targets of one role sit in one layer.
+  """
+  names = [n for n, _ in named]
+  if len(set(names)) != len(names):
+    raise ValueError("parameter names are not unique")
+  ids = [id(p) for _, p in named]
+  if len(set(ids)) != len(ids):
+    raise ValueError("a parameter appears twice in the parameter list")
+  parsed = [_names.parse_name(split_name(n)) for n in names]
+  want_output = config.output_rank_factor > 0
+
+  output_idx: list[int] = []
+  if want_output:
+    if output_param is not None:
+      output_idx = [i for i, (_, p) in enumerate(named) if p is output_param]
+      if not output_idx:
+        raise ValueError(
+            f"output_rank_factor={config.output_rank_factor}: the model's output-layer weight "
+            "(get_output_embeddings().weight) is not among the optimizer's parameters")
+    else:
+      output_idx = [i for i, nm in enumerate(parsed) if _names.is_output_leaf(nm, output_module)]
+      if len(output_idx) != 1:
+        found = [names[i] for i in output_idx]
+        raise ValueError(
+            f"output_rank_factor={config.output_rank_factor} needs exactly one output-layer "
+            f"weight matching output_module={output_module!r}; found {found or 'none'}. "
+            "For tied embeddings pass output_module='embed_tokens' (or the embedding's name).")
+  target_idx = [i for i, nm in enumerate(parsed)
+                if i not in output_idx and _names.is_target_leaf(nm, config.target_modules)]
+  if not target_idx:
+    sample = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+    raise ValueError(f"target_modules={list(config.target_modules)} match no parameter; "
+                     f"parameter names are: {sample}")
+
+  bad_rank = [f"{names[i]} {tuple(named[i][1].shape)}" for i in target_idx + output_idx
+              if named[i][1].ndim != 2]
+  if bad_rank:
+    raise ValueError("LoSiA targets must be 2-D matrices; these are not: " + "; ".join(bad_rank))
+  no_layer = [names[i] for i in target_idx if parsed[i].layer_index is None]
+  if no_layer:
+    raise ValueError("cannot find the decoder layer index of targets " + ", ".join(no_layer)
+                     + ": their name has no numeric component (e.g. 'layers.3....'); "
+                     "narrow target_modules")
+  for i in target_idx + output_idx:
+    if not named[i][1].is_floating_point():
+      raise ValueError(f"LoSiA target {names[i]} must be a floating-point tensor; "
+                       f"got {named[i][1].dtype}")
+
+  num_layers = max(parsed[i].layer_index for i in target_idx) + 1
+  total = _schedule.total_slots(num_layers, want_output)
+  targets = []
+  seen: dict[tuple[str, int], str] = {}
+  for i in sorted(target_idx + output_idx):
+    nm, p = parsed[i], named[i][1]
+    d_out, d_in = int(p.shape[0]), int(p.shape[1])
+    if i in output_idx:
+      spec = TargetSpec(names[i], p, nm, d_out, d_in, block_size(config.output_rank_factor, d_out),
+                        d_in, True, 0, _names.OUTPUT_IDENTITY, _names.OUTPUT_IDENTITY)
+    else:
+      spec = TargetSpec(names[i], p, nm, d_out, d_in, block_size(config.rank_factor, d_out),
+                        block_size(config.rank_factor, d_in), False,
+                        _schedule.layer_id(nm.layer_index, want_output),
+                        _names.target_identity(nm.layer_index, nm.role), nm.role)
+    key = (spec.role, spec.layer_id)
+    if key in seen:
+      raise ValueError(f"targets {seen[key]} and {spec.name} have the same role {spec.role!r} "
+                       "in the same layer; LoSiA needs one matrix per role and layer")
+    seen[key] = spec.name
+    targets.append(spec)
+  tset = set(target_idx + output_idx)
+  non_targets = [named[i] for i in range(len(named)) if i not in tset]
+  return LoSiAPlan(targets, non_targets, num_layers, want_output, total)

@@ -1,0 +1,75 @@
+"""LoSiA under DistributedDataParallel (gloo, 2 CPU processes) equals one process."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import losia_torch
+from losia_common import LoSiAConfig
+from tests.torch.torch_helpers import Toy
+
+CFG = LoSiAConfig(rank_factor=0.34, period=2, output_rank_factor=0.25)
+STEPS = 2 * CFG.period * 4 + 2
+
+
+def _batches():
+  g = torch.Generator().manual_seed(0)
+  return [torch.randint(0, 16, (4, 7), generator=g) for _ in range(STEPS)]
+
+
+def _train(model, opt, batches):
+  for ids in batches:
+    loss = _loss(model, ids)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad()
+
+
+def _loss(model, ids):
+  # through model(...) so that DDP's forward runs (and its gradient hooks fire)
+  logits = model(ids[:, :-1])
+  return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                           ids[:, 1:].reshape(-1))
+
+
+def _worker(rank, world, init_file, out_dir):
+  torch.set_num_threads(1)
+  dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                          world_size=world)
+  try:
+    torch.manual_seed(0)
+    model = Toy(layers=3)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = losia_torch.LoSiAOptimizer(ddp, CFG, lr=1e-2, weight_decay=0.01)
+    shards = [ids[rank * 2:(rank + 1) * 2] for ids in _batches()]
+    _train(ddp, opt, shards)
+    torch.save({"params": {n: p.detach() for n, p in model.named_parameters()},
+                "indices": {t.name: (opt.subnet(t.name)[0], opt.subnet(t.name)[1])
+                            for t in opt.plan.targets},
+                "step": opt.losia_step}, os.path.join(out_dir, f"rank{rank}.pt"))
+  finally:
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_ranks_agree_and_match_a_single_process(tmp_path):
+  mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+  r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+  r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+  torch.manual_seed(0)
+  model = Toy(layers=3)
+  opt = losia_torch.LoSiAOptimizer(model, CFG, lr=1e-2, weight_decay=0.01)
+  _train(model, opt, _batches())
+  assert r0["step"] == r1["step"] == opt.losia_step == STEPS
+  for name, (rows, cols) in r0["indices"].items():
+    assert torch.equal(rows, r1["indices"][name][0]) and torch.equal(cols, r1["indices"][name][1])
+    assert rows.tolist() == opt.subnet(name)[0].tolist(), name
+    assert cols.tolist() == opt.subnet(name)[1].tolist(), name
+  assert any(opt.state[t.param]["last_relocalization"] >= 0 for t in opt.plan.targets)
+  for n, p in model.named_parameters():
+    assert torch.equal(r0["params"][n], r1["params"][n]), n
+    torch.testing.assert_close(r0["params"][n], p.detach(), rtol=1e-5, atol=1e-6, msg=n)
