@@ -18,7 +18,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import losia_jax
@@ -95,7 +94,6 @@ def main():
     return jax.jit(lambda p, s, g: tx.apply_gradients(g, s, p), donate_argnums=(0, 1))
 
   results = {}
-  rows = []
 
   def run(name, tx, make_step, losia_cfg=None):
     p = jax.tree.map(jnp.copy, params)

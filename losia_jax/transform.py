@@ -29,7 +29,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from optax import tree_utils as otu
 
 from losia_common import LoSiAConfig
 from losia_common.subnet import initial_indices

@@ -1,7 +1,6 @@
 """Framework-neutral pieces: names, sizes, seeded initial subnet, reference selection."""
 
 import numpy as np
-import pytest
 
 from losia_common import names, schedule
 from losia_common.subnet import block_size, initial_indices, reference_select
@@ -32,8 +31,8 @@ def test_initial_indices_deterministic_sorted_distinct():
   assert not (a == initial_indices(0, "layer4.self_attn.q_proj", 100, 12, "rows")).all()
   assert not (a == initial_indices(0, "layer3.self_attn.q_proj", 100, 12, "cols")).all()
   # a pinned value: drift here would break cross-backend and cross-version parity
-  assert initial_indices(0, "layer0.self_attn.q_proj", 16, 4, "rows").tolist() == \
-      initial_indices(0, "layer0.self_attn.q_proj", 16, 4, "rows").tolist()
+  assert initial_indices(0, "layer0.self_attn.q_proj", 16, 4, "rows").tolist() == [2, 4, 9, 14]
+  assert initial_indices(7, "output", 100, 5, "rows").tolist() == [29, 57, 61, 77, 95]
 
 
 def test_parse_names_torch_flax_and_stacked():

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 import losia_jax
-from tests.jax.helpers import compare_with_oracle, random_grads, tiny_params
+from tests.jax.helpers import random_grads, tiny_params
 
 LR = 0.01
 
@@ -139,7 +139,6 @@ def test_non_finite_gradients_skip_the_step():
   st = losia_jax.find_losia_state(state)
   # NaN inside a target's block
   g = random_grads(params, rng)
-  key = "model.layers.0.self_attn.q_proj.kernel"
   r, c = int(st.targets["self_attn.q_proj"].rows[0, 0]), int(st.targets["self_attn.q_proj"].cols[0, 0])
   g["model"]["layers"][0]["self_attn"]["q_proj"]["kernel"] = \
       g["model"]["layers"][0]["self_attn"]["q_proj"]["kernel"].at[c, r].set(jnp.nan)
