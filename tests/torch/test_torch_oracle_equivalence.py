@@ -89,8 +89,16 @@ def test_parity_with_losia_jax(kw):
   tx = losia_jax.losia(0.02, cfg, weight_decay=0.01, output_module="lm_head")
   state = tx.init(params)
   step = jax.jit(lambda p, s, g: tx.apply_gradients(g, s, p))
+  from tests.jax.helpers import indices_of
+  jplan = tx.plan(params)
+  # initial subnets agree (both draw them from losia_common)
+  jidx = indices_of(state, jplan)
+  for t in opt.plan.targets:
+    rows, cols = opt.subnet(t.name)
+    np.testing.assert_array_equal(rows.numpy(), jidx[t.name][0], err_msg=f"initial rows {t.name}")
+    np.testing.assert_array_equal(cols.numpy(), jidx[t.name][1], err_msg=f"initial cols {t.name}")
   rng = np.random.default_rng(3)
-  for k in range(2 * T * opt.plan.total + 1):
+  for k in range(3 * T * opt.plan.total):
     grads = random_grads(model, rng)
     set_grads(model, grads)
     opt.step()
@@ -101,3 +109,8 @@ def test_parity_with_losia_jax(kw):
     for n, p in model.named_parameters():
       np.testing.assert_allclose(p.detach().numpy(), flat[n], rtol=1e-5, atol=1e-6,
                                  err_msg=f"{n} step {k}")
+    jidx = indices_of(state, jplan)  # identical indices at every step
+    for t in opt.plan.targets:
+      rows, cols = opt.subnet(t.name)
+      np.testing.assert_array_equal(rows.numpy(), jidx[t.name][0], err_msg=f"rows {t.name} step {k}")
+      np.testing.assert_array_equal(cols.numpy(), jidx[t.name][1], err_msg=f"cols {t.name} step {k}")
