@@ -97,3 +97,74 @@ def target_identity(layer_index: int | None, role: str) -> str:
   if layer_index is None:
     return OUTPUT_IDENTITY
   return f"layer{layer_index}.{role}"
+
+
+def find_targets(names: Sequence[ParamName], shapes: Sequence[tuple[int, ...]], config, *,
+                 output_module: str = "lm_head", output_index: int | None = None,
+                 stacked_layers: bool = False) -> tuple[list[int], list[int]]:
+  """Positions of the target and output-layer parameters, by the shared rules.
+
+  Both backends call this, so they select the same parameters and reject bad
+  input with the same messages.
+
+  Args:
+    names: parsed names of all parameters, in order.
+    shapes: their shapes.
+    config: the ``LoSiAConfig``.
+    output_module: module name or regex of the output layer, used when
+      ``config.output_rank_factor > 0`` and ``output_index`` is None.
+    output_index: position of the output-layer weight when the caller knows it
+      (e.g. torch's ``get_output_embeddings()``).
+    stacked_layers: targets without a layer index hold all layers along a
+      leading axis (scan-over-layers); they must then be 3-D.
+
+  Returns:
+    ``(target_positions, output_positions)``; the latter has one element when
+    the output layer is a target, none otherwise.
+
+  Raises:
+    ValueError: naming the parameters, when no target matches, a target is not
+      2-D, a target has no layer index, or the output layer is not found.
+  """
+  dotted = [n.dotted for n in names]
+  want_output = config.output_rank_factor > 0
+  output_idx: list[int] = []
+  if want_output:
+    if output_index is not None:
+      output_idx = [output_index]
+    else:
+      output_idx = [i for i, nm in enumerate(names) if is_output_leaf(nm, output_module)]
+      if len(output_idx) != 1:
+        found = [dotted[i] for i in output_idx]
+        raise ValueError(
+            f"output_rank_factor={config.output_rank_factor} needs exactly one output-layer "
+            f"weight matching output_module={output_module!r}; found {found or 'none'}. "
+            "For tied embeddings pass output_module='embed_tokens' (or the embedding's name).")
+  target_idx = [i for i, nm in enumerate(names)
+                if i not in output_idx and is_target_leaf(nm, config.target_modules)]
+  if not target_idx:
+    sample = ", ".join(dotted[:8]) + (", ..." if len(dotted) > 8 else "")
+    raise ValueError(
+        f"target_modules={list(config.target_modules)} match no parameter (targets are the "
+        f"{', '.join(WEIGHT_LEAF_NAMES[:-1])} or {WEIGHT_LEAF_NAMES[-1]} leaves of matched "
+        f"modules); parameter paths are: {sample}")
+  bad_rank = []
+  for i in target_idx + output_idx:
+    stacked = stacked_layers and i not in output_idx and names[i].layer_index is None
+    if len(shapes[i]) != (3 if stacked else 2):
+      bad_rank.append(f"{dotted[i]} {tuple(shapes[i])}")
+  if bad_rank:
+    hint = (" (with stacked_layers=True, targets without a layer index in their path must be "
+            "[layers, ., .])" if stacked_layers else
+            " (JAX: for scan-over-layers parameters pass stacked_layers=True)")
+    raise ValueError("LoSiA targets must be 2-D matrices; these are not: "
+                     + "; ".join(bad_rank) + hint)
+  no_layer = [dotted[i] for i in target_idx
+              if names[i].layer_index is None and not stacked_layers]
+  if no_layer:
+    raise ValueError(
+        "cannot find the decoder layer index of targets " + ", ".join(no_layer)
+        + ": their path has no numeric component (e.g. 'layers.3....'); narrow "
+        "target_modules (JAX: or pass stacked_layers=True for parameters that hold all "
+        "layers along a leading axis)")
+  return target_idx, output_idx

@@ -268,46 +268,9 @@ def make_plan(params: Any, config: LoSiAConfig, *, output_module: str = "lm_head
     raise ValueError("parameter paths are not unique after dropping nnx 'value' keys")
 
   want_output = config.output_rank_factor > 0
-  output_idx = [i for i, nm in enumerate(names) if want_output
-                and _names.is_output_leaf(nm, output_module)]
-  if want_output and len(output_idx) != 1:
-    found = [keys[i] for i in output_idx]
-    raise ValueError(
-        f"output_rank_factor={config.output_rank_factor} needs exactly one output-layer "
-        f"weight matching output_module={output_module!r}; found {found or 'none'}. "
-        "For tied embeddings pass output_module='embed_tokens' (or the embedding's name).")
-  target_idx = [i for i, nm in enumerate(names)
-                if i not in output_idx and _names.is_target_leaf(nm, config.target_modules)]
-  if not target_idx:
-    sample = ", ".join(keys[:8]) + (", ..." if len(keys) > 8 else "")
-    raise ValueError(
-        f"target_modules={list(config.target_modules)} match no parameter (targets are the "
-        f"{', '.join(_names.WEIGHT_LEAF_NAMES[:-1])} or {_names.WEIGHT_LEAF_NAMES[-1]} leaves "
-        f"of matched modules); parameter paths are: {sample}")
-
-  bad_rank, no_layer = [], []
-  for i in target_idx:
-    shape = tuple(leaves_with_path[i][1].shape)
-    want_ndim = 3 if (stacked_layers and names[i].layer_index is None) else 2
-    if len(shape) != want_ndim:
-      bad_rank.append(f"{keys[i]} {shape}")
-    if names[i].layer_index is None and not stacked_layers:
-      no_layer.append(keys[i])
-  for i in output_idx:
-    if len(leaves_with_path[i][1].shape) != 2:
-      bad_rank.append(f"{keys[i]} {tuple(leaves_with_path[i][1].shape)}")
-  if bad_rank:
-    hint = (" (with stacked_layers=True, targets without a layer index in their path "
-            "must be [layers, ., .])" if stacked_layers else
-            " (for scan-over-layers parameters pass stacked_layers=True)")
-    raise ValueError("LoSiA targets must be 2-D matrices; these are not: "
-                     + "; ".join(bad_rank) + hint)
-  if no_layer:
-    raise ValueError(
-        "cannot find the decoder layer index of targets " + ", ".join(no_layer)
-        + ": their path has no numeric component (e.g. 'layers/3/...'); pass "
-        "stacked_layers=True if they hold all layers along a leading axis, or narrow "
-        "target_modules")
+  target_idx, output_idx = _names.find_targets(
+      names, [tuple(x.shape) for _, x in leaves_with_path], config,
+      output_module=output_module, stacked_layers=stacked_layers)
 
   layer_counts = []
   for i in target_idx:

@@ -169,38 +169,17 @@ def make_plan(named: Sequence[tuple[str, torch.Tensor]], config: LoSiAConfig, *,
   parsed = [_names.parse_name(split_name(n)) for n in names]
   want_output = config.output_rank_factor > 0
 
-  output_idx: list[int] = []
-  if want_output:
-    if output_param is not None:
-      output_idx = [i for i, (_, p) in enumerate(named) if p is output_param]
-      if not output_idx:
-        raise ValueError(
-            f"output_rank_factor={config.output_rank_factor}: the model's output-layer weight "
-            "(get_output_embeddings().weight) is not among the optimizer's parameters")
-    else:
-      output_idx = [i for i, nm in enumerate(parsed) if _names.is_output_leaf(nm, output_module)]
-      if len(output_idx) != 1:
-        found = [names[i] for i in output_idx]
-        raise ValueError(
-            f"output_rank_factor={config.output_rank_factor} needs exactly one output-layer "
-            f"weight matching output_module={output_module!r}; found {found or 'none'}. "
-            "For tied embeddings pass output_module='embed_tokens' (or the embedding's name).")
-  target_idx = [i for i, nm in enumerate(parsed)
-                if i not in output_idx and _names.is_target_leaf(nm, config.target_modules)]
-  if not target_idx:
-    sample = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
-    raise ValueError(f"target_modules={list(config.target_modules)} match no parameter; "
-                     f"parameter names are: {sample}")
-
-  bad_rank = [f"{names[i]} {tuple(named[i][1].shape)}" for i in target_idx + output_idx
-              if named[i][1].ndim != 2]
-  if bad_rank:
-    raise ValueError("LoSiA targets must be 2-D matrices; these are not: " + "; ".join(bad_rank))
-  no_layer = [names[i] for i in target_idx if parsed[i].layer_index is None]
-  if no_layer:
-    raise ValueError("cannot find the decoder layer index of targets " + ", ".join(no_layer)
-                     + ": their name has no numeric component (e.g. 'layers.3....'); "
-                     "narrow target_modules")
+  output_index = None
+  if want_output and output_param is not None:
+    found = [i for i, (_, p) in enumerate(named) if p is output_param]
+    if not found:
+      raise ValueError(
+          f"output_rank_factor={config.output_rank_factor}: the model's output-layer weight "
+          "(get_output_embeddings().weight) is not among the optimizer's parameters")
+    output_index = found[0]
+  target_idx, output_idx = _names.find_targets(
+      parsed, [tuple(p.shape) for _, p in named], config, output_module=output_module,
+      output_index=output_index)
   for i in target_idx + output_idx:
     if not named[i][1].is_floating_point():
       raise ValueError(f"LoSiA target {names[i]} must be a floating-point tensor; "
