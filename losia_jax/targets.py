@@ -280,7 +280,6 @@ def make_plan(params: Any, config: LoSiAConfig, *, output_module: str = "lm_head
     else:
       layer_counts.append(int(leaves_with_path[i][1].shape[0]))
   num_layers = max(layer_counts)
-  a = int(want_output)
   total = _schedule.total_slots(num_layers, want_output)
 
   targets = []
@@ -306,7 +305,6 @@ def make_plan(params: Any, config: LoSiAConfig, *, output_module: str = "lm_head
         n=shape[0] if stacked else 1, transposed=dims.out_axis == 1, d_out=d_out,
         d_in=d_in, k_out=k_out, k_in=k_in, row_mode=row_mode, layer_ids=ids,
         identities=idents, role=role))
-  del a
   tset = set(target_idx + output_idx)
   non_targets = tuple((keys[i], i) for i in range(len(keys)) if i not in tset)
   return LoSiAPlan(treedef=treedef, keys=tuple(keys), targets=tuple(targets),
