@@ -44,6 +44,12 @@ def enable_per_layer_step(opt) -> None:
     raise ValueError("per-layer stepping does not work with LoSiA-Pro; call disable_pro() first")
   if opt._layerwise is not None:
     return
+  if torch.distributed.is_available() and torch.distributed.is_initialized() \
+      and torch.distributed.get_world_size() > 1:
+    raise RuntimeError(
+        "per-layer stepping does not work with data parallelism: each rank would apply its "
+        "own, un-averaged gradient inside backward (the hooks run before DDP's all-reduce). "
+        "Use the ordinary step() under DistributedDataParallel.")
   names = {}
   for g in opt.param_groups:
     for name, p in zip(g.get("param_names", [None] * len(g["params"])), g["params"]):

@@ -246,19 +246,44 @@ class LoSiAOptimizer(torch.optim.Optimizer):
     out.extend(h.delta for h in self._pro.values())
     return out
 
-  def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, **kwargs) -> torch.Tensor:
-    """``torch.nn.utils.clip_grad_norm_`` over every gradient the step reads.
+  def _read_grads(self) -> list[torch.Tensor]:
+    """The gradient values the next step reads: the block of each non-profiling
+    target, the full gradient of profiling targets, trained non-targets."""
+    out = []
+    for group in self.param_groups:
+      for p in group["params"]:
+        t = self._spec.get(id(p))
+        if t is None:
+          if self.config.non_target == "train" and p.grad is not None:
+            out.append(p.grad)
+          continue
+        prof = self.profiles(t)
+        blk = self._block_grad(t, self.state[p], prof)
+        if blk is not None:
+          out.append(p.grad if prof else blk)
+    return out
 
-    Without LoSiA-Pro this equals clipping the parameters' gradients. With Pro,
-    non-profiling targets have no full gradient: their block gradients live in
-    compact tensors held here, and they are clipped together with the rest.
+  def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0,
+                      error_if_nonfinite: bool = False, foreach=None) -> torch.Tensor:
+    """Clips by the norm of every gradient value the step reads; returns that norm.
+
+    The norm covers the block gradient of each non-profiling target, the full
+    gradient of the profiling targets and the trained non-targets, with or
+    without LoSiA-Pro, so switching to Pro (where non-profiling targets have
+    only their block gradient) does not change the trajectory. It differs from
+    ``torch.nn.utils.clip_grad_norm_(model.parameters())``, which would also
+    count gradient entries LoSiA never uses.
     """
     if self._layerwise is not None:
       raise RuntimeError(
           "clip_grad_norm_ cannot work with per-layer stepping: each parameter is updated "
           "inside backward and its gradient freed before a global norm exists. Call "
           "disable_per_layer_step() to clip.")
-    return torch.nn.utils.clip_grad_norm_(self._grad_holders(), max_norm, norm_type, **kwargs)
+    total = torch.nn.utils.get_total_norm(self._read_grads(), norm_type, error_if_nonfinite,
+                                          foreach)
+    holders = [x.grad for x in self._grad_holders() if x.grad is not None]
+    torch.nn.utils.clip_grads_with_norm_(holders, max_norm, total, foreach)
+    return total
 
   def zero_grad(self, set_to_none: bool = True) -> None:
     super().zero_grad(set_to_none)

@@ -87,6 +87,11 @@ def _pro_forward(module: torch.nn.Linear, handle: ProHandle, optimizer, x: torch
           or optimizer.profiles(t))
   if full:
     return F.linear(x, module.weight, module.bias)
+  if torch.is_autocast_enabled(x.device.type):
+    raise RuntimeError(
+        f"LoSiA-Pro ({handle.name}) does not support torch.autocast: its backward mixes the "
+        "autocast dtype with the weight's. Train the model in its own dtype (e.g. bf16 "
+        "weights), or call optimizer.disable_pro().")
   st = optimizer.state[module.weight]
   return LoSiAProLinear.apply(x, module.weight, module.bias, handle.delta, st["rows"],
                               st["cols"])

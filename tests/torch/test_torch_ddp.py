@@ -47,7 +47,13 @@ def _worker(rank, world, init_file, out_dir):
     opt = losia_torch.LoSiAOptimizer(ddp, CFG, lr=1e-2, weight_decay=0.01)
     shards = [ids[rank * 2:(rank + 1) * 2] for ids in _batches()]
     _train(ddp, opt, shards)
-    torch.save({"params": {n: p.detach() for n, p in model.named_parameters()},
+    try:  # per-layer stepping would apply each rank's un-averaged gradient: refused
+      opt.enable_per_layer_step()
+      refused = ""
+    except RuntimeError as e:
+      refused = str(e)
+    torch.save({"refused": refused,
+                "params": {n: p.detach() for n, p in model.named_parameters()},
                 "indices": {t.name: (opt.subnet(t.name)[0], opt.subnet(t.name)[1])
                             for t in opt.plan.targets},
                 "step": opt.losia_step}, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -65,6 +71,7 @@ def test_ddp_ranks_agree_and_match_a_single_process(tmp_path):
   opt = losia_torch.LoSiAOptimizer(model, CFG, lr=1e-2, weight_decay=0.01)
   _train(model, opt, _batches())
   assert r0["step"] == r1["step"] == opt.losia_step == STEPS
+  assert "does not work with data parallelism" in r0["refused"]
   for name, (rows, cols) in r0["indices"].items():
     assert torch.equal(rows, r1["indices"][name][0]) and torch.equal(cols, r1["indices"][name][1])
     assert rows.tolist() == opt.subnet(name)[0].tolist(), name

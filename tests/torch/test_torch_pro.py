@@ -40,14 +40,14 @@ def _llama(tied=True, seed=0):
   return transformers.LlamaForCausalLM(cfg)
 
 
-def _run(pro, cfg, steps, accumulate=1):
+def _run(pro, cfg, steps, accumulate=1, max_norm=1e6):
   model = _llama()
   opt = losia_torch.LoSiAOptimizer(model, cfg, lr=1e-2, weight_decay=0.01)
   if pro:
     names = opt.enable_pro(model)
     assert len(names) == 14  # 7 projections x 2 layers; the tied output layer stays full
   g = torch.Generator().manual_seed(1)
-  losses, indices, checked = [], [], False
+  losses, indices, checked, clipped = [], [], False, False
   for s in range(steps):
     for _ in range(accumulate):
       ids = torch.randint(0, 128, (2, 12), generator=g)
@@ -63,22 +63,25 @@ def _run(pro, cfg, steps, accumulate=1):
           assert t.param.grad is None, f"{t.name} got a full gradient at step {s}"
           assert opt._pro[id(t.param)].delta.grad.shape == t.block_shape
           checked = True
-    opt.clip_grad_norm_(1e6)
+    norm = opt.clip_grad_norm_(max_norm)
+    clipped = clipped or float(norm) > max_norm
     opt.step()
     opt.zero_grad()
     losses.append(loss.item())
     indices.append({t.name: (opt.subnet(t.name)[0].tolist(), opt.subnet(t.name)[1].tolist())
                     for t in opt.plan.targets})
   assert checked or not pro
+  assert clipped == (max_norm < 1e6)  # the clipped variant really clips
   return model, opt, losses, indices
 
 
-@pytest.mark.parametrize("accumulate", [1, 2])
-def test_pro_gives_the_same_trajectory(accumulate):
+@pytest.mark.parametrize("accumulate,max_norm", [(1, 1e6), (2, 1e6), (1, 0.5)],
+                         ids=["plain", "accumulate", "clipped"])
+def test_pro_gives_the_same_trajectory(accumulate, max_norm):
   cfg = LoSiAConfig(rank_factor=0.25, period=2, output_rank_factor=0.1)
   steps = 2 * cfg.period * 3 + 2  # total = 3: each layer relocalizes at least twice
-  m0, o0, l0, i0 = _run(False, cfg, steps, accumulate)
-  m1, o1, l1, i1 = _run(True, cfg, steps, accumulate)
+  m0, o0, l0, i0 = _run(False, cfg, steps, accumulate, max_norm)
+  m1, o1, l1, i1 = _run(True, cfg, steps, accumulate, max_norm)
   assert i0 == i1
   changed = sum(i0[s] != i0[s + 1] for s in range(steps - 1))
   assert changed >= 4
@@ -102,3 +105,15 @@ def test_disable_pro_and_eval_forward():
   with torch.no_grad():
     b = model(input_ids=ids).logits
   torch.testing.assert_close(a, b)
+
+
+def test_pro_refuses_autocast_clearly():
+  cfg = LoSiAConfig(rank_factor=0.25, period=2)
+  model = _llama()
+  opt = losia_torch.LoSiAOptimizer(model, cfg, lr=1e-2)
+  opt.enable_pro(model)
+  ids = torch.randint(0, 128, (2, 12))
+  opt.losia_step = 2 * cfg.period  # a step in which layer 0 does not profile
+  with pytest.raises(RuntimeError, match="does not support torch.autocast"):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+      model(input_ids=ids, labels=ids).loss.backward()
