@@ -1,0 +1,91 @@
+"""The floor under LoSiA's fused JAX step on CPU: gathering and scatter-adding the blocks.
+
+Times, on SmolLM2-135M-shaped Flax kernels (210 target matrices, p = 1/8), only
+the block gathers of the gradients and the in-place block scatter-adds into the
+donated weights — the two things every LoSiA step must do — next to a full
+``optax.adamw`` step on the same matrices, and prints the ratios. Whatever the
+fused step costs above this floor is LoSiA's own overhead.
+
+    .venv/bin/python benchmarks/jax_scatter_floor.py
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jax_optimizer_step import smollm2_params
+
+ROLES = [("self_attn", ["q_proj", "k_proj", "v_proj", "o_proj"]),
+         ("mlp", ["gate_proj", "up_proj", "down_proj"])]
+FLAGS = dict(indices_are_sorted=True, unique_indices=True, mode="promise_in_bounds")
+
+
+def median_ms(fn, args, donate, n=10):
+  jf = jax.jit(fn, donate_argnums=donate)
+  out = jf(*args)
+  jax.block_until_ready(out)
+  ts = []
+  for _ in range(n):
+    if donate:
+      args = (out,) + tuple(args[1:])
+    t0 = time.perf_counter()
+    out = jf(*args)
+    jax.block_until_ready(out)
+    ts.append(time.perf_counter() - t0)
+  return 1e3 * statistics.median(ts)
+
+
+def main():
+  layers = smollm2_params(30)["model"]["layers"]
+  ws = [l[a][b]["kernel"] for l in layers for a, bs in ROLES for b in bs]  # [in, out]
+  gs = [jnp.full_like(w, 1e-3) for w in ws]
+  rng = np.random.default_rng(0)
+  idx = [(jnp.asarray(np.sort(rng.permutation(w.shape[1])[:w.shape[1] // 8]), jnp.int32),
+          jnp.asarray(np.sort(rng.permutation(w.shape[0])[:w.shape[0] // 8]), jnp.int32))
+         for w in ws]
+  blocks = [jnp.full((c.shape[0], r.shape[0]), 1e-4) for r, c in idx]
+  n_blk = sum(b.size for b in blocks)
+
+  def gather(gs, idx):
+    take = lambda a, i, ax: jnp.take(a, i, axis=ax, mode="clip", indices_are_sorted=True,
+                                     unique_indices=True)
+    return [take(take(g, c, 0), r, 1) for g, (r, c) in zip(gs, idx)]
+
+  def scatter(ws, blocks, idx):
+    return [w.at[c[:, None], r[None, :]].add(b, **FLAGS) for w, b, (r, c) in zip(ws, blocks, idx)]
+
+  tx = optax.adamw(1e-4, weight_decay=0.0)
+
+  def adamw(ws, state, gs):
+    u, state = tx.update(gs, state, ws)
+    return optax.apply_updates(ws, u), state
+
+  t_gather = median_ms(gather, (gs, idx), ())
+  t_scatter = median_ms(scatter, ([jnp.copy(w) for w in ws], blocks, idx), (0,))
+  state = tx.init(ws)
+  jf = jax.jit(adamw, donate_argnums=(0, 1))
+  p, s = jf([jnp.copy(w) for w in ws], state, gs)
+  ts = []
+  for _ in range(10):
+    t0 = time.perf_counter()
+    p, s = jf(p, s, gs)
+    jax.block_until_ready(p)
+    ts.append(time.perf_counter() - t0)
+  t_adamw = 1e3 * statistics.median(ts)
+  print(f"{len(ws)} target matrices, {sum(w.size for w in ws):,} params, {n_blk:,} block entries")
+  print(f"{'':34s} {'ms':>8s} {'/ adamw':>8s}")
+  print(f"{'adamw step on these matrices':34s} {t_adamw:8.2f} {1.0:8.3f}")
+  print(f"{'block gathers (gradients)':34s} {t_gather:8.2f} {t_gather / t_adamw:8.3f}")
+  print(f"{'block scatter-adds (in place)':34s} {t_scatter:8.2f} {t_scatter / t_adamw:8.3f}")
+  print(f"{'floor (gathers + scatters)':34s} {t_gather + t_scatter:8.2f} "
+        f"{(t_gather + t_scatter) / t_adamw:8.3f}")
+
+
+if __name__ == "__main__":
+  main()
