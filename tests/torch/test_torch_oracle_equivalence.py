@@ -8,6 +8,7 @@ import torch
 import losia_torch
 from losia_common import LoSiAConfig
 from tests.common.oracle import OracleLoSiA
+from tests.parity_fixtures import nest
 from tests.torch.torch_helpers import Toy, random_grads, set_grads
 
 T = 2
@@ -62,18 +63,6 @@ def test_matches_shared_oracle(case):
   assert sum(e == "relocalize" for _, e, _ in oracle.log) >= 2 * len(oracle.targets)
 
 
-def _nest(flat):
-  """{"a.0.b": x} -> {"a": {"0": {"b": x}}} (JAX path components equal torch names)."""
-  out = {}
-  for name, v in flat.items():
-    d = out
-    parts = name.split(".")
-    for p in parts[:-1]:
-      d = d.setdefault(p, {})
-    d[parts[-1]] = v
-  return out
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("kw", [dict(), dict(schedule="sync", output_rank_factor=0.25)],
                          ids=["async", "sync_output"])
@@ -85,7 +74,7 @@ def test_parity_with_losia_jax(kw):
   torch.manual_seed(0)
   model = Toy(layers=3)
   opt = losia_torch.LoSiAOptimizer(model, cfg, lr=0.02, weight_decay=0.01)
-  params = _nest({n: jnp.asarray(p.detach().numpy()) for n, p in model.named_parameters()})
+  params = nest({n: jnp.asarray(p.detach().numpy()) for n, p in model.named_parameters()})
   tx = losia_jax.losia(0.02, cfg, weight_decay=0.01, output_module="lm_head")
   state = tx.init(params)
   step = jax.jit(lambda p, s, g: tx.apply_gradients(g, s, p))
@@ -103,7 +92,7 @@ def test_parity_with_losia_jax(kw):
     set_grads(model, grads)
     opt.step()
     params, state = step(params, state,
-                         _nest({n: jnp.asarray(g, jnp.float32) for n, g in grads.items()}))
+                         nest({n: jnp.asarray(g, jnp.float32) for n, g in grads.items()}))
     flat = {".".join(str(getattr(x, "key", getattr(x, "idx", x))) for x in path): np.asarray(v)
             for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
     for n, p in model.named_parameters():
