@@ -285,8 +285,13 @@ def scale_by_losia(
     were *before* this step's update.
     """
     importance = dict(state.importance)
+    # A window starts from empty statistics: at its first step the buffer's old
+    # contents (the previous window's) count as zero, inside the update itself
+    # rather than by a separate reset pass.
+    fresh_window = (state.count % T) == 0
     upd = lambda slot, w, g: update_importance(
-        slot, w, g, cfg.importance, cfg.importance_beta1, cfg.importance_beta2)
+        jax.tree.map(lambda x: jnp.where(fresh_window, 0.0, x), slot), w, g,
+        cfg.importance, cfg.importance_beta1, cfg.importance_beta2)
     if is_async:
       def branch(lid, imp, g_leaves):
         imp = dict(imp)
@@ -322,36 +327,45 @@ def scale_by_losia(
     return select_subnet(score, t.k_out, t.k_in)
 
   def relocalize(plan: LoSiAPlan, targets, importance, owner, do, step):
-    """End of a profiling window: new blocks, fresh inner state, empty slots.
+    """End of a profiling window: new blocks and fresh inner state.
 
-    One ``lax.cond`` for all roles (conditionals are costly sync points on
-    CPU); inside it each role updates the matrix of the profiling layer.
+    Only the selection runs in a ``lax.cond`` (one for all roles), and it
+    returns just the new indices: passing the importance buffers or the inner
+    states through a conditional makes XLA copy them on every step. The small
+    writes happen outside, masked by ``do``. The buffers themselves are reset
+    at the first step of the next window (see ``profile``).
     """
-    def run(targets, importance):
-      targets, importance = dict(targets), dict(importance)
-      for b in plan.buckets:
-        t, ts, slot = b.first, targets[b.role], importance[b.role]
-        if is_async:
-          m, _, p = owner_of(b, plan, owner)
-          rows, cols = choose(t, importance_score(slot))
-          mine = m > 0  # the owner may hold no matrix of this role (e.g. the output layer)
-          fresh = fresh_inner(b)
-          put = lambda x, v: x.at[p].set(jnp.where(mine, v, x[p]))
-          ts = TargetState(put(ts.rows, rows), put(ts.cols, cols),
-                           jax.tree.map(put, ts.inner, fresh),
-                           put(ts.last_relocalization, step))
-          slot = jax.tree.map(lambda x: jnp.where(mine, jnp.zeros_like(x), x), slot)
-        else:
-          rows, cols = jax.vmap(lambda sc: choose(t, sc))(importance_score(slot))
-          fresh = jax.vmap(lambda _: fresh_inner(b))(jnp.arange(b.size))
-          ts = TargetState(rows, cols.reshape(ts.cols.shape), fresh,
-                           jnp.full_like(ts.last_relocalization, step))
-          slot = jax.tree.map(jnp.zeros_like, slot)
-        targets[b.role], importance[b.role] = ts, slot
-      return targets, importance
+    if not is_async:
+      def run_all(targets, importance):
+        out = {}
+        for b in plan.buckets:
+          t, ts = b.first, targets[b.role]
+          rows, cols = jax.vmap(lambda sc, t=t: choose(t, sc))(importance_score(importance[b.role]))
+          fresh = jax.vmap(lambda _, b=b: fresh_inner(b))(jnp.arange(b.size))
+          out[b.role] = TargetState(rows, cols.reshape(ts.cols.shape), fresh,
+                                    jnp.full_like(ts.last_relocalization, step))
+        return out
 
-    pred = do & ((owner == 0) if not is_async else jnp.array(True))
-    return jax.lax.cond(pred, run, lambda a, b: (a, b), targets, importance)
+      return jax.lax.cond(do & (owner == 0), run_all, lambda t, i: dict(t), targets, importance)
+
+    def select(importance):
+      return {b.role: choose(b.first, importance_score(importance[b.role])) for b in plan.buckets}
+
+    def keep(importance):
+      return {b.role: (targets[b.role].rows[0], targets[b.role].cols[0]) for b in plan.buckets}
+
+    new_idx = jax.lax.cond(do, select, keep, importance)
+    targets = dict(targets)
+    for b in plan.buckets:
+      ts = targets[b.role]
+      m, _, p = owner_of(b, plan, owner)
+      mine = do & (m > 0)  # the owner may hold no matrix of this role (e.g. the output layer)
+      put = lambda x, v, p=p, mine=mine: x.at[p].set(jnp.where(mine, v, x[p]))
+      rows, cols = new_idx[b.role]
+      targets[b.role] = TargetState(put(ts.rows, rows), put(ts.cols, cols),
+                                    jax.tree.map(put, ts.inner, fresh_inner(b)),
+                                    put(ts.last_relocalization, step))
+    return targets
 
   def prepare(grads, state: LoSiAState, params, fused: bool):
     """The update of every block and non-target, and whether the step is finite."""
@@ -439,8 +453,7 @@ def scale_by_losia(
     """Profiling and relocalization, after the blocks were updated."""
     plan, state, s, owner, finite = c["plan"], c["state"], c["s"], c["owner"], c["finite"]
     importance = profile(plan, state, w_layer, w_leaf, c["g_leaves"], owner, finite)
-    targets, importance = relocalize(plan, c["targets"], importance, owner,
-                                     finite & ends_slot(s, T), s)
+    targets = relocalize(plan, c["targets"], importance, owner, finite & ends_slot(s, T), s)
     fin = finite.astype(jnp.int32)
     return LoSiAState(s + fin, targets, importance, c["non_target"],
                       state.notfinite_count + (1 - fin))
