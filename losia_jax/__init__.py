@@ -19,8 +19,8 @@ from losia_jax.selection import select_rows, select_subnet
 from losia_jax.sharding import state_shardings
 from losia_jax.targets import (FLAX_KERNEL, OUT_IN, LoSiADimensionNumbers, LoSiAPlan,
                                TargetSpec, make_plan)
-from losia_jax.transform import (LoSiAState, LoSiATransformation, TargetState, chain,
-                                 find_losia_state, losia, scale_by_losia, state_nbytes)
+from losia_jax.compose import chain, find_losia_state, state_nbytes
+from losia_jax.transform import LoSiAState, LoSiATransformation, TargetState, losia, scale_by_losia
 
 __all__ = [
     "FLAX_KERNEL",

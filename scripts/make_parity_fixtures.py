@@ -30,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-from losia_common import LoSiAConfig, schedule  # noqa: E402
+from losia_common import LoSiAConfig  # noqa: E402
 from tests.common.oracle import OracleLoSiA  # noqa: E402
 
 FORMAT_VERSION = 1
