@@ -69,7 +69,9 @@ class LoSiAState(NamedTuple):
     targets: ``{role: TargetState}`` (roles: ``self_attn.q_proj``, ..., ``output``).
     importance: fp32 profiling buffers, ``{role: ImportanceState}``. Async: one
       matrix per role, reused by whichever layer profiles, so the memory is one
-      layer's worth. Sync: ``[N, ...]`` per role, every target at once.
+      layer's worth. Sync: ``[N, ...]`` per role, every target at once. A
+      window's statistics start from zero at its first step (``count % period
+      == 0``); between windows the buffers still hold the last window's.
     non_target: the inner optimizer's state on the non-target parameters
       (``{path: array}``), or ``optax.EmptyState()`` when they are frozen.
     notfinite_count: int32, steps skipped because a gradient value the step
