@@ -154,22 +154,21 @@ def test_non_finite_gradients_skip_the_step():
   assert int(st2.count) == 1 and int(st2.notfinite_count) == 1
   assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)),
                                           st._replace(notfinite_count=0), st2._replace(notfinite_count=0))))
+  def outside_block(layer, value):
+    """Gradients with ``value`` in layer's down_proj, in an output column outside its block."""
+    g = random_grads(params, rng)
+    w = g["model"]["layers"][layer]["mlp"]["down_proj"]["kernel"]
+    blk_rows = set(np.asarray(st.targets["mlp.down_proj"].rows[layer]).tolist())
+    free_out = next(i for i in range(w.shape[1]) if i not in blk_rows)
+    g["model"]["layers"][layer]["mlp"]["down_proj"]["kernel"] = w.at[0, free_out].set(value)
+    return g
+
   # Inf in the profiling layer (layer 0 owns slot 0) outside any block: importance would be poisoned
-  g = random_grads(params, rng)
-  w = g["model"]["layers"][0]["mlp"]["down_proj"]["kernel"]
-  blk_rows = set(np.asarray(st.targets["mlp.down_proj"].rows[0]).tolist())
-  free_out = next(i for i in range(w.shape[1]) if i not in blk_rows)
-  g["model"]["layers"][0]["mlp"]["down_proj"]["kernel"] = w.at[0, free_out].set(jnp.inf)
-  p3, s3 = step(params, state, g)
+  p3, s3 = step(params, state, outside_block(0, jnp.inf))
   assert int(losia_jax.find_losia_state(s3).notfinite_count) == 1
   assert np.isfinite(np.asarray(losia_jax.find_losia_state(s3).importance["mlp.down_proj"].ibar)).all()
   # a NaN that the step does not read (another layer, outside its block) is ignored
-  g = random_grads(params, rng)
-  w = g["model"]["layers"][2]["mlp"]["down_proj"]["kernel"]
-  blk_rows = set(np.asarray(st.targets["mlp.down_proj"].rows[2]).tolist())
-  free_out = next(i for i in range(w.shape[1]) if i not in blk_rows)
-  g["model"]["layers"][2]["mlp"]["down_proj"]["kernel"] = w.at[0, free_out].set(jnp.nan)
-  _, s4 = step(params, state, g)
+  _, s4 = step(params, state, outside_block(2, jnp.nan))
   assert int(losia_jax.find_losia_state(s4).count) == 2
 
 
