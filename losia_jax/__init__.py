@@ -8,7 +8,9 @@ Public API:
   :func:`instant_importance`, :func:`slot_owner`, :func:`rewarm_factor`: the
   pure pieces of the method;
 - :func:`make_plan`, :class:`LoSiADimensionNumbers`: where LoSiA acts;
-- :func:`state_nbytes`, :func:`state_shardings`: memory and placement of the state.
+- :func:`state_nbytes`, :func:`state_shardings`: memory and placement of the state;
+- :mod:`losia_jax.pro`: LoSiA-Pro (``pro.value_and_grad`` → compact
+  :class:`ProGradients`; ``pro.pro_linear``, the ``custom_vjp`` projection).
 """
 
 from losia_common import LoSiAConfig, LoSiAConfigError
@@ -20,11 +22,14 @@ from losia_jax.sharding import state_shardings
 from losia_jax.targets import (FLAX_KERNEL, OUT_IN, LoSiADimensionNumbers, LoSiAPlan,
                                TargetSpec, make_plan)
 from losia_jax.compose import chain, find_losia_state, state_nbytes
-from losia_jax.transform import LoSiAState, LoSiATransformation, TargetState, losia, scale_by_losia
+from losia_jax.transform import (LoSiAState, LoSiATransformation, ProGradients, TargetState, losia,
+                                 scale_by_losia)
+from losia_jax import pro
 
 __all__ = [
     "FLAX_KERNEL",
     "OUT_IN",
+    "ProGradients",
     "ImportanceState",
     "LoSiAConfig",
     "LoSiAConfigError",
@@ -41,6 +46,7 @@ __all__ = [
     "instant_importance",
     "losia",
     "make_plan",
+    "pro",
     "rewarm_factor",
     "scale_by_losia",
     "select_rows",

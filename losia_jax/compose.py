@@ -33,7 +33,7 @@ def chain(*transforms: optax.GradientTransformation) -> LoSiATransformation:
     return params, tuple(new) + (st,)
 
   return _make(plain.init, plain.update, apply_fn, last.plan, len(transforms) - 1,
-               chained=transforms)
+               chained=transforms, config=last.config)
 
 
 def state_nbytes(state: Any) -> int:

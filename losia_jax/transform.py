@@ -85,6 +85,83 @@ class LoSiAState(NamedTuple):
   notfinite_count: jax.Array
 
 
+class ProGradients(NamedTuple):
+  """Gradients in LoSiA-Pro form: compact blocks instead of full target gradients.
+
+  Made by :func:`losia_jax.pro.value_and_grad`; ``apply_gradients`` and
+  ``update`` accept it in place of a parameter-shaped gradient tree.
+
+  Attributes:
+    blocks: ``{role: [N, *block_shape]}`` gradient of every core block of the
+      role's (non-row-mode) targets, in bucket order and stored layout.
+    profile: ``{role: slice_shape}`` full gradient of the matrix of that role
+      in the layer whose profiling slot holds this step (async schedule);
+      zeros when that layer has no matrix of the role.
+    dense: ``{key: gradient}`` full gradients of the output layer (row mode)
+      and, with ``non_target="train"``, of every non-target leaf; keys are the
+      plan's dotted parameter paths.
+  """
+
+  blocks: dict[str, jax.Array]
+  profile: dict[str, jax.Array]
+  dense: dict[str, jax.Array]
+
+
+class _DenseGrads:
+  """Reads of a parameter-shaped gradient tree. ``ops`` travel through conditionals."""
+
+  def __init__(self, grads, plan: LoSiAPlan):
+    self.ops = jax.tree_util.tree_leaves(grads)
+    if len(self.ops) != len(plan.keys):
+      raise ValueError(f"grads have {len(self.ops)} leaves but params {len(plan.keys)}")
+
+  def block(self, b: Bucket, gather):
+    return gather(self.ops, b)
+
+  @staticmethod
+  def layer(ops, b: Bucket, j: int, l: int):
+    t = b.members[j]
+    return blocks.layer_slice(ops[t.leaf_index], t, l)
+
+  def leaf(self, key: str, index: int):
+    return self.ops[index]
+
+
+class _ProGrads:
+  """Reads of :class:`ProGradients`: compact blocks, the profiling layer's full
+  gradients and the dense leaves."""
+
+  def __init__(self, grads: ProGradients, plan: LoSiAPlan, train_non_targets: bool):
+    want_blocks = {b.role for b in plan.buckets if not b.first.row_mode}
+    want_dense = {b.first.key for b in plan.buckets if b.first.row_mode}
+    if train_non_targets:
+      want_dense |= {k for k, _ in plan.non_targets}
+    for field, got, want in (("blocks", set(grads.blocks), want_blocks),
+                             ("profile", set(grads.profile), want_blocks),
+                             ("dense", set(grads.dense), want_dense)):
+      if got != want:
+        raise ValueError(f"ProGradients.{field} has keys {sorted(got)}; this plan needs "
+                         f"{sorted(want)}")
+    self.grads = grads
+    self.ops = (grads.profile, grads.dense)
+
+  def block(self, b: Bucket, gather):
+    if b.first.row_mode:  # the output layer keeps its full gradient
+      return gather({t.leaf_index: self.grads.dense[t.key] for t in b.members}, b)
+    return self.grads.blocks[b.role]
+
+  @staticmethod
+  def layer(ops, b: Bucket, j: int, l: int):
+    profile, dense = ops
+    t = b.members[j]
+    if t.row_mode:
+      return dense[t.key]
+    return profile[b.role]
+
+  def leaf(self, key: str, index: int):
+    return self.grads.dense[key]
+
+
 class LoSiATransformation(optax.GradientTransformationExtraArgs):
   """An Optax transformation with LoSiA's fused path.
 
@@ -97,13 +174,15 @@ class LoSiATransformation(optax.GradientTransformationExtraArgs):
   apply_gradients: Callable[..., tuple[Params, Any]]
   plan: Callable[[Params], LoSiAPlan]
   losia_index: int  # position of the LoSiA state in a chain's state tuple (-1: itself)
+  config: LoSiAConfig
 
 
 def _make(init, update, apply_gradients, plan, losia_index=-1, inner=None,
-          chained=()) -> LoSiATransformation:
+          chained=(), config=None) -> LoSiATransformation:
   tx = LoSiATransformation(init, update)
   tx.apply_gradients = apply_gradients
   tx.plan = plan
+  tx.config = config
   tx.losia_index = losia_index
   tx._inner = inner  # the inner optimizer (for state shardings)
   tx._chained = tuple(chained)  # the transformations of a chain
@@ -261,26 +340,26 @@ def scale_by_losia(
     fns = [default] + [functools.partial(branch, lid) for lid in range(plan.total)]
     return jax.lax.switch(index, fns, *operands)
 
-  def inspect_owner(plan: LoSiAPlan, state: LoSiAState, w_leaves, g_leaves, owner):
+  def inspect_owner(plan: LoSiAPlan, state: LoSiAState, w_leaves, gv, owner):
     """Async, before any weight is written: the old blocks of the profiling
     layer's matrices (``{role: block}``) and whether its full gradients are finite."""
     shapes = {b.role: jnp.zeros(b.first.block_shape, w_leaves[b.first.leaf_index].dtype)
               for b in plan.buckets}
 
-    def branch(lid, w_leaves, g_leaves):
+    def branch(lid, w_leaves, g_ops):
       blks, ok = dict(shapes), jnp.array(True)
       for b, j, l, p in at_layer(plan, lid):
         t, ts = b.members[j], state.targets[b.role]
         w = blocks.layer_slice(w_leaves[t.leaf_index], t, l)
-        g = blocks.layer_slice(g_leaves[t.leaf_index], t, l)
+        g = gv.layer(g_ops, b, j, l)
         blks[b.role] = blocks.get_layer_block(w, t, ts.rows[p], ts.cols[p])
         ok = ok & jnp.all(jnp.isfinite(g))
       return blks, ok
 
     return layer_switch(plan, owner + 1, branch, lambda w, g: (dict(shapes), jnp.array(True)),
-                        w_leaves, g_leaves)
+                        w_leaves, gv.ops)
 
-  def profile(plan: LoSiAPlan, state: LoSiAState, w_layer, w_leaf, g_leaves, owner, finite):
+  def profile(plan: LoSiAPlan, state: LoSiAState, w_layer, w_leaf, gv, owner, finite):
     """Accumulates the importance of the profiling layer(s).
 
     ``w_layer(b, j, l, pos)`` / ``w_leaf(b, j)`` give member weights as they
@@ -295,16 +374,15 @@ def scale_by_losia(
         jax.tree.map(lambda x: jnp.where(fresh_window, 0.0, x), slot), w, g,
         cfg.importance, cfg.importance_beta1, cfg.importance_beta2)
     if is_async:
-      def branch(lid, imp, g_leaves):
+      def branch(lid, imp, g_ops):
         imp = dict(imp)
         for b, j, l, p in at_layer(plan, lid):
-          t = b.members[j]
-          imp[b.role] = upd(imp[b.role], w_layer(b, j, l, p),
-                            blocks.layer_slice(g_leaves[t.leaf_index], t, l))
+          imp[b.role] = upd(imp[b.role], w_layer(b, j, l, p), gv.layer(g_ops, b, j, l))
         return imp
 
       return layer_switch(plan, jnp.where(finite, owner + 1, 0), branch, lambda imp, g: dict(imp),
-                          importance, g_leaves)
+                          importance, gv.ops)
+    g_leaves = gv.ops
 
     def run(imp, g_leaves):  # sync: every target profiles, in one conditional
       imp = dict(imp)
@@ -376,9 +454,13 @@ def scale_by_losia(
                        "read the weights")
     plan = plan_of(params)
     w_leaves = jax.tree_util.tree_leaves(params)
-    g_leaves = jax.tree_util.tree_leaves(grads)
-    if len(g_leaves) != len(w_leaves):
-      raise ValueError(f"grads have {len(g_leaves)} leaves but params {len(w_leaves)}")
+    if isinstance(grads, ProGradients):
+      if not is_async:
+        raise ValueError("LoSiA-Pro gradients need schedule='async': in sync mode every "
+                         "target needs its full gradient during a profiling slot")
+      gv = _ProGrads(grads, plan, train_non_targets)
+    else:
+      gv = _DenseGrads(grads, plan)
     s = state.count
     owner = slot_owner(s, T, plan.total)
     lr = lr_at(s)
@@ -395,19 +477,20 @@ def scale_by_losia(
     finite = jnp.array(True)
     for b in plan.buckets:
       ts = state.targets[b.role]
-      gblk[b.role] = gather_all(g_leaves, b, ts).astype(jnp.float32)
+      gblk[b.role] = gv.block(b, lambda leaves, b, ts=ts: gather_all(leaves, b, ts)
+                              ).astype(jnp.float32)
       finite = finite & jnp.all(jnp.isfinite(gblk[b.role]))
       if need_all_w:
         wblk[b.role] = gather_all(w_leaves, b, ts)
     if is_async:
-      wown, ok = inspect_owner(plan, state, w_leaves, g_leaves, owner)
+      wown, ok = inspect_owner(plan, state, w_leaves, gv, owner)
       finite = finite & ok
     if not is_async:
       finite = finite & jax.lax.cond(
           owner == 0, lambda g: _all_finite(g[t.leaf_index] for t in plan.targets),
-          lambda g: jnp.array(True), g_leaves)
+          lambda g: jnp.array(True), gv.ops)
     if train_non_targets:
-      finite = finite & _all_finite(g_leaves[i] for _, i in plan.non_targets)
+      finite = finite & _all_finite(gv.leaf(k, i) for k, i in plan.non_targets)
 
     deltas, targets = {}, {}
     for b in plan.buckets:
@@ -426,7 +509,7 @@ def scale_by_losia(
     nt_updates, non_target = {}, state.non_target
     if train_non_targets and plan.non_targets:
       nt_w = {k: w_leaves[i] for k, i in plan.non_targets}
-      nt_g = {k: g_leaves[i] for k, i in plan.non_targets}
+      nt_g = {k: gv.leaf(k, i) for k, i in plan.non_targets}
 
       def nt_step(nt_g, nt_w, nt_state, lr):
         u, new_state = base.update(jax.tree.map(lambda g: g.astype(jnp.float32), nt_g), nt_state)
@@ -447,14 +530,14 @@ def scale_by_losia(
       # moments makes XLA keep (copy) the old embedding-sized moments.
       nt_updates, non_target = jax.lax.cond(finite, nt_step, nt_skip, nt_g, nt_w,
                                             state.non_target, lr)
-    return dict(plan=plan, state=state, g_leaves=g_leaves, s=s, owner=owner, finite=finite,
+    return dict(plan=plan, state=state, gv=gv, s=s, owner=owner, finite=finite,
                 wblk=wblk, wown=wown, deltas=deltas, targets=targets, nt_updates=nt_updates,
                 non_target=non_target)
 
   def finish(c, w_layer, w_leaf) -> LoSiAState:
     """Profiling and relocalization, after the blocks were updated."""
     plan, state, s, owner, finite = c["plan"], c["state"], c["s"], c["owner"], c["finite"]
-    importance = profile(plan, state, w_layer, w_leaf, c["g_leaves"], owner, finite)
+    importance = profile(plan, state, w_layer, w_leaf, c["gv"], owner, finite)
     targets = relocalize(plan, c["targets"], importance, owner, finite & ends_slot(s, T), s)
     fin = finite.astype(jnp.int32)
     return LoSiAState(s + fin, targets, importance, c["non_target"],
@@ -477,7 +560,9 @@ def scale_by_losia(
     new_state = finish(
         c, lambda b, j, l, p: blocks.layer_slice(w_leaves[b.members[j].leaf_index], b.members[j], l),
         lambda b, j: w_leaves[b.members[j].leaf_index])
-    leaves, treedef = jax.tree_util.tree_flatten(updates)
+    # updates take the structure of the gradients (of the params for Pro gradients)
+    treedef = jax.tree_util.tree_structure(params if isinstance(updates, ProGradients)
+                                           else updates)
     out = write(c, w_leaves, blocks.scatter_block)
     for k, i in c["plan"].non_targets:
       out[i] = c["nt_updates"].get(k, jnp.zeros_like(w_leaves[i]))
@@ -507,7 +592,7 @@ def scale_by_losia(
     new_state = finish(c, w_layer, w_leaf)
     return jax.tree_util.tree_unflatten(treedef, out), new_state
 
-  return _make(init_fn, update_fn, apply_fn, plan_of, inner=base)
+  return _make(init_fn, update_fn, apply_fn, plan_of, inner=base, config=cfg)
 
 
 def losia(

@@ -1,0 +1,241 @@
+"""LoSiA-Pro for JAX: backward passes that compute only the core block's gradient.
+
+LOSIA_SPEC.md section 8. A target ``y = x @ W`` (Flax kernel ``W [d_in,
+d_out]``) is evaluated by :func:`pro_linear`, a ``jax.custom_vjp`` whose
+forward saves only ``x[..., cols]`` and whose backward returns
+
+- the exact input gradient ``dy @ Wᵀ``, and
+- the gradient of the *compact block* ``W[cols][:, rows]``:
+  ``x[..., cols]ᵀ · dy[..., rows]`` (``[k_in, k_out]``).
+
+The differentiated quantities are the blocks themselves, so no full-size weight
+gradient (nor a full-size residual activation) ever exists for a target.
+
+The profiling layer. Importance needs the *full* gradient of the matrices of
+the layer whose profiling slot holds the step, and which layer that is changes
+every ``period`` steps while shapes must stay static. We neither compile a
+variant per layer nor read the step counter on the host: every target's output
+gets ``+ [layer == owner] * e_role`` where ``e_role`` is a zero "probe" of the
+output's shape, one per role. The forward value is unchanged (it adds exact
+zeros), and ``∂loss/∂e_role`` is exactly ``dy`` of the owner's matrix of that
+role. The owner's input ``x`` is picked in the forward by a select chain (no
+residual, one activation-sized buffer per role), and the full gradient is the
+one extra matmul ``xᵀ · dy``, the matmul non-Pro LoSiA does for every target.
+
+Use :func:`value_and_grad` in place of ``jax.value_and_grad``; it returns
+:class:`~losia_jax.transform.ProGradients`, which ``tx.apply_gradients`` and
+``tx.update`` accept. The model must route its target projections through the
+``linear`` hook it is given (``losia_jax.models.LlamaForCausalLM`` does).
+
+Limits: ``schedule="async"`` only (sync profiles every layer at once); the
+output layer (row mode) and non-targets keep ordinary full gradients; global
+norm clipping chained before LoSiA sees the compact gradients (blocks,
+profiling layer, dense leaves), not the full gradient non-Pro LoSiA clips.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from losia_jax import blocks
+from losia_jax.compose import find_losia_state
+from losia_jax.schedule import slot_owner
+from losia_jax.transform import LoSiATransformation, ProGradients
+
+Linear = Callable[[str, jax.Array, jax.Array, Optional[jax.Array]], jax.Array]
+
+_TAKE = dict(axis=-1, mode="clip", indices_are_sorted=True, unique_indices=True)
+
+
+def default_linear(identity: str, x: jax.Array, kernel: jax.Array,
+                   bias: Optional[jax.Array]) -> jax.Array:
+  """The plain projection ``x @ kernel + bias`` (the hook a model uses by default)."""
+  del identity
+  y = x @ kernel
+  return y if bias is None else y + bias
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=())
+def _pro_matmul(x, kernel, block, rows, cols):
+  del block, rows, cols
+  return x @ kernel
+
+
+def _pro_fwd(x, kernel, block, rows, cols):
+  # The only activation residual is x restricted to the block's input neurons.
+  x_cols = jnp.take(x, cols, **_TAKE)
+  return x @ kernel, (x_cols, kernel, rows, cols)
+
+
+def _pro_bwd(res, dy):
+  x_cols, kernel, rows, cols = res
+  dx = (dy @ kernel.T).astype(x_cols.dtype)
+  dy_rows = jnp.take(dy, rows, **_TAKE)
+  k_in, k_out = x_cols.shape[-1], dy_rows.shape[-1]
+  dblock = x_cols.reshape(-1, k_in).T @ dy_rows.reshape(-1, k_out)
+  zero_int = lambda a: jnp.zeros(a.shape, jax.dtypes.float0)
+  # The kernel gets no gradient (a symbolic zero that XLA drops when unused).
+  return dx, jnp.zeros_like(kernel), dblock.astype(kernel.dtype), zero_int(rows), zero_int(cols)
+
+
+_pro_matmul.defvjp(_pro_fwd, _pro_bwd)
+
+
+def pro_linear(x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array], block: jax.Array,
+               rows: jax.Array, cols: jax.Array) -> jax.Array:
+  """``x @ kernel + bias`` whose weight gradient is the compact block's only.
+
+  Args:
+    x: ``[..., d_in]`` input.
+    kernel: ``[d_in, d_out]`` weight (Flax layout); receives no gradient.
+    bias: ``[d_out]`` or None; differentiated as usual.
+    block: ``[k_in, k_out]``, the current value of ``kernel[cols][:, rows]``.
+      Only its gradient matters: ``x[..., cols]ᵀ dy[..., rows]``.
+    rows, cols: int32 sorted output and input neuron indices of the block.
+
+  Returns:
+    ``[..., d_out]``, bit-identical to ``x @ kernel + bias``.
+  """
+  y = _pro_matmul(x, kernel, block, rows, cols)
+  return y if bias is None else y + bias
+
+
+class _Route:
+  """Where one target matrix lives in the LoSiA state (static)."""
+
+  def __init__(self, role: str, pos: int, layer_id: int, spec):
+    self.role, self.pos, self.layer_id, self.spec = role, pos, layer_id, spec
+
+
+def _routes(plan) -> dict[str, _Route]:
+  out = {}
+  for b in plan.buckets:
+    if b.first.row_mode:
+      continue
+    for j, t in enumerate(b.members):
+      if t.stacked:
+        raise ValueError("LoSiA-Pro needs one parameter per layer (not stacked_layers): "
+                         f"{t.key} holds {t.n} layers")
+      if not t.transposed:
+        raise ValueError(f"LoSiA-Pro needs Flax-layout [in, out] kernels; {t.key} is [out, in]")
+      out[b.identities[b.offsets[j]]] = _Route(b.role, b.offsets[j], t.layer_ids[0], t)
+  return out
+
+
+def value_and_grad(loss_fn: Callable[..., Any], tx: LoSiATransformation, *,
+                   has_aux: bool = False) -> Callable[..., tuple[Any, ProGradients]]:
+  """Like ``jax.value_and_grad(loss_fn)`` for LoSiA-Pro, returning compact gradients.
+
+  ``loss_fn(params, linear, *args)`` must compute the loss from ``params``
+  and pass ``linear`` (a hook ``linear(identity, x, kernel, bias)``) to the
+  model, which evaluates every target projection through it; ``identity`` is
+  ``losia_common.names.target_identity(layer, role)`` (``layer3.self_attn.q_proj``).
+
+  Returns a function ``(params, opt_state, *args) -> (value, ProGradients)``
+  (``value`` is ``(loss, aux)`` with ``has_aux``) for
+  ``tx.apply_gradients(grads, opt_state, params)``. It runs under ``jax.jit``:
+  the profiling layer is chosen on device from the step counter.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, losia_jax
+    >>> from losia_jax import pro
+    >>> params = {"layers": [{"q_proj": {"kernel": jnp.ones((8, 8))}}]}
+    >>> tx = losia_jax.losia(1e-2, losia_jax.LoSiAConfig(rank_factor=0.5, period=2))
+    >>> state = tx.init(params)
+    >>> def loss_fn(params, linear, x):
+    ...   k = params["layers"][0]["q_proj"]["kernel"]
+    ...   return jnp.sum(linear("layer0.q_proj", x, k, None) ** 2)
+    >>> loss, grads = pro.value_and_grad(loss_fn, tx)(params, state, jnp.ones((2, 8)))
+    >>> grads.blocks["q_proj"].shape
+    (1, 4, 4)
+    >>> params, state = tx.apply_gradients(grads, state, params)
+  """
+  if not isinstance(tx, LoSiATransformation):
+    raise TypeError("LoSiA-Pro needs a LoSiA transformation (losia_jax.losia/"
+                    f"scale_by_losia/chain); got {type(tx).__name__}")
+
+  def run(params, opt_state, *args):
+    plan = tx.plan(params)
+    st = find_losia_state(opt_state)
+    if tx.config.schedule != "async":
+      raise ValueError("LoSiA-Pro needs schedule='async' (in sync mode every target needs its "
+                       f"full gradient during a profiling slot); got {tx.config.schedule!r}")
+    owner = slot_owner(st.count, tx.config.period, plan.total)
+    routes = _routes(plan)
+    leaves = jax.tree_util.tree_leaves(params)
+    keys = dict(plan.non_targets)
+    dense_keys = [b.first.key for b in plan.buckets if b.first.row_mode]
+    if tx.config.non_target == "train":
+      dense_keys += [k for k, _ in plan.non_targets]
+    key_index = {t.key: t.leaf_index for t in plan.targets}
+    key_index.update(keys)
+
+    blocks_in = {}
+    for b in plan.buckets:
+      if b.first.row_mode:
+        continue
+      ts = st.targets[b.role]
+      parts = [blocks.gather_block(leaves[t.leaf_index], t, ts.rows[o:o + 1], ts.cols[o:o + 1])
+               for t, o in zip(b.members, b.offsets)]
+      blocks_in[b.role] = jnp.concatenate(parts)
+    dense_in = {k: leaves[key_index[k]] for k in dense_keys}
+
+    def forward(blocks_v, probes, dense_v, record):
+      """The loss with the blocks, probes and dense leaves as the variables."""
+      new_leaves = list(leaves)
+      for k, v in dense_v.items():
+        new_leaves[key_index[k]] = v
+      p = jax.tree_util.tree_unflatten(plan.treedef, new_leaves)
+      seen: dict[str, int] = {}
+      xprof: dict[str, jax.Array] = {}
+
+      def linear(identity, x, kernel, bias):
+        r = routes.get(identity)
+        if r is None:
+          return default_linear(identity, x, kernel, bias)
+        seen[identity] = seen.get(identity, 0) + 1
+        ts = st.targets[r.role]
+        y = pro_linear(x, kernel, bias, blocks_v[r.role][r.pos], ts.rows[r.pos], ts.cols[r.pos])
+        mine = owner == r.layer_id
+        if record is not None:
+          record[r.role] = (x.shape, x.dtype, y.shape, y.dtype)
+        else:
+          # exact zeros in the forward; d(loss)/d(probe) = dy of the profiling matrix
+          y = y + jnp.where(mine, probes[r.role], 0).astype(y.dtype)
+          prev = xprof.get(r.role, jnp.zeros(x.shape, x.dtype))
+          xprof[r.role] = jnp.where(mine, jax.lax.stop_gradient(x), prev)
+        return y
+
+      out = loss_fn(p, linear, *args)
+      missing = sorted(set(routes) - set(seen))
+      twice = sorted(k for k, n in seen.items() if n > 1)
+      if missing or twice:
+        raise ValueError(
+            "LoSiA-Pro: the model must call the `linear` hook once per target and step; "
+            + (f"never called for {missing[:6]}{' ...' if len(missing) > 6 else ''}"
+               if missing else "")
+            + (f" called more than once for {twice[:6]}" if twice else ""))
+      loss, aux = out if has_aux else (out, None)
+      return loss, (aux, xprof)
+
+    # Shapes of each role's input and output, from an abstract trace.
+    shapes: dict[str, tuple] = {}
+    jax.eval_shape(lambda: forward(blocks_in, {}, dense_in, shapes)[0])
+    probes = {role: jnp.zeros(shapes[role][2], shapes[role][3]) for role in blocks_in}
+    (loss, (aux, xprof)), (g_blocks, g_probes, g_dense) = jax.value_and_grad(
+        lambda bv, pv, dv: forward(bv, pv, dv, None), argnums=(0, 1, 2), has_aux=True)(
+            blocks_in, probes, dense_in)
+    profile = {}
+    for role, dy in g_probes.items():
+      x = xprof[role]
+      # the full [d_in, d_out] gradient of the profiling layer's matrix of this role
+      profile[role] = (x.reshape(-1, x.shape[-1]).astype(jnp.float32).T
+                       @ dy.reshape(-1, dy.shape[-1]).astype(jnp.float32))
+    grads = ProGradients(g_blocks, profile, g_dense)
+    return ((loss, aux) if has_aux else loss), grads
+
+  return run

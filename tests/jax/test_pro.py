@@ -1,0 +1,161 @@
+"""LoSiA-Pro in JAX: compact gradients, exact input gradients, same trajectory as LoSiA."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import losia_jax
+from losia_jax import pro
+
+H, I, V, L = 16, 24, 32, 3
+
+
+def toy_params(seed=0):
+  rng = np.random.default_rng(seed)
+  w = lambda *s: jnp.asarray(rng.normal(0, 0.3, s), jnp.float32)
+  layer = lambda: {"self_attn": {"q_proj": {"kernel": w(H, H), "bias": w(H)}},
+                   "mlp": {"up_proj": {"kernel": w(H, I)}, "down_proj": {"kernel": w(I, H)}}}
+  return {"model": {"embed_tokens": {"embedding": w(V, H)}, "layers": [layer() for _ in range(L)],
+                    "norm": {"scale": jnp.ones((H,))}}}
+
+
+def toy_loss(params, linear, ids):
+  """A small residual network whose projections go through the ``linear`` hook."""
+  m = params["model"]
+  h = m["embed_tokens"]["embedding"][ids]
+  for i, lp in enumerate(m["layers"]):
+    a = lp["self_attn"]["q_proj"]
+    h = h + jnp.tanh(linear(f"layer{i}.self_attn.q_proj", h, a["kernel"], a["bias"]))
+    u = jnp.tanh(linear(f"layer{i}.mlp.up_proj", h, lp["mlp"]["up_proj"]["kernel"], None))
+    h = h + linear(f"layer{i}.mlp.down_proj", u, lp["mlp"]["down_proj"]["kernel"], None)
+  h = h * m["norm"]["scale"]
+  logits = h[:, :-1] @ m["embed_tokens"]["embedding"].T
+  return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), ids[:, 1:, None], -1))
+
+
+def _run(use_pro, steps, non_target="freeze", fused=True, importance="param_mix"):
+  cfg = losia_jax.LoSiAConfig(rank_factor=0.5, period=2, output_rank_factor=0.25,
+                              non_target=non_target, importance=importance)
+  tx = losia_jax.losia(3e-2, cfg, output_module="embed_tokens", weight_decay=0.01)
+  params = toy_params()
+  state = tx.init(params)
+  rng = np.random.default_rng(1)
+  if use_pro:
+    vg = pro.value_and_grad(toy_loss, tx)
+    grad_fn = lambda p, s, ids: vg(p, s, ids)
+  else:
+    grad_fn = lambda p, s, ids: jax.value_and_grad(
+        lambda q: toy_loss(q, pro.default_linear, ids))(p)
+
+  @jax.jit
+  def step(params, state, ids):
+    loss, g = grad_fn(params, state, ids)
+    if fused:
+      params, state = tx.apply_gradients(g, state, params)
+    else:
+      u, state = tx.update(g, state, params)
+      params = optax.apply_updates(params, u)
+    return params, state, loss
+
+  losses, idx = [], []
+  for _ in range(steps):
+    ids = jnp.asarray(rng.integers(0, V, (4, 10)))
+    params, state, loss = step(params, state, ids)
+    losses.append(float(loss))
+    idx.append({r: (np.asarray(t.rows), np.asarray(t.cols)) for r, t in state.targets.items()})
+  return params, state, np.array(losses), idx
+
+
+@pytest.mark.parametrize("non_target,fused,importance", [
+    ("freeze", True, "param_mix"), ("train", True, "param_second"), ("train", False, "param_first")])
+def test_same_trajectory_as_losia_through_two_rounds(non_target, fused, importance):
+  total = L + 1  # three layers and the output layer
+  steps = 2 * total * 2 + 3  # two full rounds of relocalizations (period 2), and then some
+  pa, sa, la, ia = _run(False, steps, non_target, fused, importance)
+  pb, sb, lb, ib = _run(True, steps, non_target, fused, importance)
+  # every matrix relocalized twice
+  assert all(int(x) >= total * 2 for t in sb.targets.values() for x in t.last_relocalization)
+  assert int(sb.count) == steps
+  for a, b in zip(ia, ib):
+    for role in a:
+      np.testing.assert_array_equal(a[role][0], b[role][0])
+      np.testing.assert_array_equal(a[role][1], b[role][1])
+  np.testing.assert_allclose(lb, la, rtol=1e-5, atol=1e-6)
+  for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+    np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=2e-6)
+  # the subnets did move: the selected rows differ from the seeded initial ones
+  assert any((ia[0][r][0] != ia[-1][r][0]).any() for r in ia[0])
+
+
+def test_pro_linear_gradients_are_the_block_of_the_full_gradient():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(3, 5, 12)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(12, 10)), jnp.float32)
+  bias = jnp.asarray(rng.normal(size=(10,)), jnp.float32)
+  rows, cols = jnp.array([1, 4, 7], jnp.int32), jnp.array([0, 2, 3, 9], jnp.int32)
+  block = k[cols][:, rows]
+  ct = jnp.asarray(rng.normal(size=(3, 5, 10)), jnp.float32)
+  f_pro = lambda x, b, bias: jnp.sum(pro.pro_linear(x, k, bias, b, rows, cols) * ct)
+  f_ref = lambda x, k, bias: jnp.sum((x @ k + bias) * ct)
+  y_pro = pro.pro_linear(x, k, bias, block, rows, cols)
+  np.testing.assert_array_equal(np.asarray(y_pro), np.asarray(x @ k + bias))
+  gx, gb, gbias = jax.grad(f_pro, argnums=(0, 1, 2))(x, block, bias)
+  rx, rk, rbias = jax.grad(f_ref, argnums=(0, 1, 2))(x, k, bias)
+  np.testing.assert_allclose(gx, rx, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(gb, rk[cols][:, rows], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(gbias, rbias, rtol=1e-5, atol=1e-5)
+  assert gb.shape == (4, 3)
+
+
+def test_residuals_hold_only_the_block_columns():
+  """The saved activations of a Pro projection are x[..., cols], not x."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 7, 32)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(32, 32)), jnp.float32)
+  rows, cols = jnp.arange(0, 32, 8, dtype=jnp.int32), jnp.arange(0, 32, 8, dtype=jnp.int32)
+  block = k[cols][:, rows]
+  _, res = jax.vjp(lambda x, b: pro.pro_linear(x, k, None, b, rows, cols), x, block)
+  saved = [a.shape for a in jax.tree_util.tree_leaves(res) if hasattr(a, "shape")]
+  assert (2, 7, 4) in saved  # x restricted to the 4 columns
+  assert (2, 7, 32) not in saved, saved  # no full-width x
+
+
+def test_gradients_are_compact_and_profile_the_owner_layer():
+  cfg = losia_jax.LoSiAConfig(rank_factor=0.5, period=2, output_rank_factor=0.25,
+                              non_target="freeze")
+  tx = losia_jax.losia(1e-2, cfg, output_module="embed_tokens")
+  params = toy_params()
+  state = tx.init(params)
+  ids = jnp.asarray(np.random.default_rng(0).integers(0, V, (2, 6)))
+  _, g = pro.value_and_grad(toy_loss, tx)(params, state, ids)
+  assert g.blocks["mlp.up_proj"].shape == (L, H // 2, I // 2)
+  assert set(g.dense) == {"model.embed_tokens.embedding"}  # the row-mode output layer
+  full = jax.grad(lambda p: toy_loss(p, pro.default_linear, ids))(params)
+  # step 0 is the output layer's slot (layer id 0): no decoder matrix profiles
+  assert all(float(jnp.abs(v).max()) == 0 for v in g.profile.values())
+  state = state._replace(count=jnp.asarray(2 * 2, jnp.int32))  # slot of layer id 2 = layers[1]
+  _, g = pro.value_and_grad(toy_loss, tx)(params, state, ids)
+  np.testing.assert_allclose(g.profile["mlp.down_proj"],
+                             full["model"]["layers"][1]["mlp"]["down_proj"]["kernel"],
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_bad_use_is_refused_clearly():
+  params = toy_params()
+  ids = jnp.zeros((1, 4), jnp.int32)
+  sync = losia_jax.losia(1e-2, losia_jax.LoSiAConfig(rank_factor=0.5, schedule="sync"))
+  with pytest.raises(ValueError, match="schedule='async'"):
+    pro.value_and_grad(toy_loss, sync)(params, sync.init(params), ids)
+  tx = losia_jax.losia(1e-2, losia_jax.LoSiAConfig(rank_factor=0.5))
+  skip_hook = lambda p, linear, ids: toy_loss(p, pro.default_linear, ids)
+  with pytest.raises(ValueError, match="never called for .*layer0"):
+    pro.value_and_grad(skip_hook, tx)(params, tx.init(params), ids)
+  with pytest.raises(TypeError, match="LoSiA transformation"):
+    pro.value_and_grad(toy_loss, optax.adam(1e-3))
+  with pytest.raises(ValueError, match="ProGradients.blocks"):
+    bad = losia_jax.ProGradients({}, {}, {})
+    tx.apply_gradients(bad, tx.init(params), params)
