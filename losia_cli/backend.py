@@ -1,0 +1,120 @@
+"""What the ``losia-finetune`` driver needs from a training backend.
+
+``losia_cli.main`` owns the command line, the data, evaluation, progress,
+metrics, pictures and the checkpoint *schedule*; a backend (``losia_cli.jax_backend``,
+``losia_cli.torch_backend``) owns the model, the optimizer and the on-disk
+format of its checkpoints. Both backends implement :class:`Backend`, so the
+driver and its tests treat them alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Protocol
+
+import numpy as np
+
+METHODS = ("losia", "losia-pro", "full", "lora")
+BACKENDS = ("jax", "torch")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+  """Where the pretrained model comes from (resolved and checked by the driver).
+
+  Attributes:
+    kind: ``"hf"`` (a directory with ``config.json`` and safetensors weights) or
+      ``"gguf"`` (a ``.gguf`` file, read with transformers' GGUF loader).
+    path: the directory (hf) or the ``.gguf`` file (gguf).
+    description: for reports, e.g. ``"SmolLM2-135M-Instruct (embedded, GGUF Q4_1)"``.
+  """
+
+  kind: str
+  path: str
+  description: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+  """Everything a backend needs to build its model and optimizer.
+
+  ``losia`` holds the ``losia_common.LoSiAConfig`` (used by methods ``losia``
+  and ``losia-pro``). ``total_steps`` is the number of optimizer steps of the
+  whole run (resumed runs included), for the learning-rate schedule.
+  """
+
+  method: str
+  losia: Any  # losia_common.LoSiAConfig
+  lr: float
+  lr_schedule: str
+  warmup_steps: int
+  total_steps: int
+  weight_decay: float
+  max_grad_norm: float  # 0: no clipping
+  lora_rank: int
+  lora_alpha: float
+  seed: int
+  seq_len: int
+  batch_size: int
+
+
+@dataclasses.dataclass
+class Batch:
+  """One training batch; right-padded to ``seq_len`` so shapes never change.
+
+  Attributes:
+    input_ids: int32 ``[B, S]``.
+    attention_mask: int32 ``[B, S]``, 1 on real tokens.
+    loss_mask: float32 ``[B, S]``, 1 where the *next* token (``input_ids[:, t+1]``)
+      is a response token to predict; the loss is
+      ``sum(mask * nll(logits[:, t], ids[:, t+1])) / sum(mask)``.
+  """
+
+  input_ids: np.ndarray
+  attention_mask: np.ndarray
+  loss_mask: np.ndarray
+
+
+class Backend(Protocol):
+  """A model plus its optimizer, driven one step at a time.
+
+  Constructed as ``JaxBackend(source, settings)`` / ``TorchBackend(source,
+  settings)``: loads the model (fp32), builds the method's optimizer, and
+  raises ``ValueError`` with a clear message when the method cannot apply
+  (e.g. LoSiA targets not found in the model).
+  """
+
+  name: str  # "jax" or "torch"
+  max_positions: int  # the model's max_position_embeddings
+  vocab_size: int
+  step: int  # optimizer steps taken (restored by restore_checkpoint)
+
+  def describe(self) -> str:
+    """Human-readable summary: model, method, trainable parameters, optimizer-state bytes."""
+
+  def trainable_params(self) -> int:
+    """Parameters the method updates (LoSiA: the block parameters)."""
+
+  def train_step(self, batch: Batch) -> dict[str, float]:
+    """One optimizer step; returns at least ``{"loss": ..., "lr": ...}`` (host floats)."""
+
+  def generate(self, prompts: list[list[int]], max_new_tokens: int,
+               eos_token_id: Optional[int]) -> list[list[int]]:
+    """Greedy continuation of each prompt (token ids, without the prompt), stopping at EOS."""
+
+  def subnets(self) -> Optional[dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """LoSiA methods: ``{identity: (rows, cols)}`` of every target, identities as in
+    ``losia_common.names.target_identity`` (``layer3.self_attn.q_proj``, ``output``);
+    None for other methods."""
+
+  def save_checkpoint(self, directory: str) -> None:
+    """Writes model + optimizer state + step into ``directory`` (which does not
+    exist yet; the driver makes the write atomic by renaming afterwards)."""
+
+  def restore_checkpoint(self, directory: str) -> None:
+    """Restores exactly what :meth:`save_checkpoint` wrote."""
+
+  def export_hf(self, directory: str) -> None:
+    """Writes the fine-tuned model as a transformers checkpoint (config.json +
+    safetensors; LoRA merged) into ``directory`` (which does not exist yet)."""

@@ -1,0 +1,288 @@
+"""The JAX backend of ``losia-finetune``: the Flax NNX LLaMA model and Optax.
+
+Methods:
+- ``losia``: ``losia_jax.losia`` (AdamW on each target's core block), applied
+  with the fused in-place ``apply_gradients``;
+- ``losia-pro``: the same optimizer fed by ``losia_jax.pro.value_and_grad``
+  (compact block gradients through the model's ``linear`` hook);
+- ``full``: ``optax.adamw`` on every parameter;
+- ``lora``: LoRA adapters on the same target projections, added through the
+  ``linear`` hook (``y = x W + b + (alpha / r) (x A) B``, ``A`` Kaiming-uniform,
+  ``B`` zero, as in PEFT), ``optax.adamw`` on the adapters; merged on export.
+
+The parameters are a plain nested dict (``nnx.to_pure_dict``), merged back into
+the module inside the jitted step; checkpoints are Orbax (params, optimizer
+state, LoRA adapters) plus a small JSON with the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+import losia_jax
+from losia_cli.backend import Batch, ModelSource, TrainSettings
+from losia_cli.schedules import lr_multiplier
+from losia_jax import pro
+from losia_jax.models import default_linear, greedy_generate, load_gguf, load_hf, save_hf
+
+
+def _lr_table(s: TrainSettings) -> np.ndarray:
+  """The learning rate of every step 0..total_steps, from the schedule both backends share."""
+  n = max(1, s.total_steps) + 1
+  return np.asarray([s.lr * lr_multiplier(i, s.lr_schedule, s.warmup_steps, s.total_steps)
+                     for i in range(n)], np.float32)
+
+
+def masked_nll(logits: jax.Array, ids: jax.Array, loss_mask: jax.Array) -> jax.Array:
+  """Mean next-token NLL over the positions ``loss_mask`` marks (see ``Batch``)."""
+  logits = logits[:, :-1].astype(jnp.float32)
+  target = ids[:, 1:]
+  mask = loss_mask[:, :-1].astype(jnp.float32)
+  picked = jnp.take_along_axis(logits, target[..., None], axis=-1)[..., 0]
+  nll = jax.nn.logsumexp(logits, axis=-1) - picked
+  return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+class JaxBackend:
+  """See ``losia_cli.backend.Backend``."""
+
+  name = "jax"
+
+  def __init__(self, source: ModelSource, settings: TrainSettings):
+    self.source, self.settings = source, settings
+    if source.kind == "hf":
+      model, self.hf_config = load_hf(source.path)
+    elif source.kind == "gguf":
+      model, self.hf_config = load_gguf(source.path)
+    else:
+      raise ValueError(f"model source kind must be 'hf' or 'gguf'; got {source.kind!r}")
+    self.config = model.config
+    self.max_positions = int(self.config.max_position_embeddings)
+    self.vocab_size = int(self.config.vocab_size)
+    self.graphdef, self._template, self._rest = nnx.split(model, nnx.Param, ...)
+    self.params = nnx.to_pure_dict(self._template)
+    self.step = 0
+    self._lr = _lr_table(settings)
+    lr_table = jnp.asarray(self._lr)
+    lr_fn = lambda count: lr_table[jnp.minimum(count, lr_table.shape[0] - 1)]
+    clip = ([optax.clip_by_global_norm(settings.max_grad_norm)]
+            if settings.max_grad_norm > 0 else [])
+    self.lora = None
+    method = settings.method
+    if method in ("losia", "losia-pro"):
+      output_module = "embed_tokens" if self.config.tie_word_embeddings else "lm_head"
+      inner = losia_jax.losia(lr_fn, settings.losia, weight_decay=settings.weight_decay,
+                              output_module=output_module)
+      self.tx = losia_jax.chain(*clip, inner) if clip else inner
+      self.plan = self.tx.plan(self.params)  # raises when no target is found
+      self.opt_state = self.tx.init(self.params)
+    elif method == "full":
+      self.tx = optax.chain(*clip, optax.adamw(lr_fn, weight_decay=settings.weight_decay))
+      self.opt_state = self.tx.init(self.params)
+    elif method == "lora":
+      self.lora, self._lora_scale = self._init_lora()
+      self.tx = optax.chain(*clip, optax.adamw(lr_fn, weight_decay=settings.weight_decay))
+      self.opt_state = self.tx.init(self.lora)
+    else:
+      raise ValueError(f"method must be one of losia, losia-pro, full, lora; got {method!r}")
+    self._step_fn = jax.jit(self._make_step(), donate_argnums=(0, 1))
+
+  # --- model ------------------------------------------------------------------
+
+  def _merge(self, params):
+    state = jax.tree.map(lambda x: x, self._template)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(self.graphdef, state, self._rest)
+
+  def _loss(self, params, linear, ids, attention_mask, loss_mask):
+    logits = self._merge(params)(ids, attention_mask, linear=linear)
+    return masked_nll(logits, ids, loss_mask)
+
+  def _init_lora(self):
+    """LoRA factors for every projection LoSiA would target (same target_modules)."""
+    s = self.settings
+    if s.lora_rank < 1:
+      raise ValueError(f"lora_rank must be >= 1; got {s.lora_rank}")
+    cfg = dataclasses.replace(s.losia, output_rank_factor=0.0)
+    plan = losia_jax.make_plan(self.params, cfg)
+    rng = np.random.default_rng(s.seed)
+    lora = {}
+    for t in plan.targets:
+      bound = 1.0 / math.sqrt(t.d_in)  # kaiming_uniform(a=sqrt(5)), PEFT's init of A
+      lora[t.identities[0]] = {
+          "a": jnp.asarray(rng.uniform(-bound, bound, (t.d_in, s.lora_rank)), jnp.float32),
+          "b": jnp.zeros((s.lora_rank, t.d_out), jnp.float32)}
+    return lora, s.lora_alpha / s.lora_rank
+
+  def _lora_linear(self, lora):
+    scale = self._lora_scale
+
+    def linear(identity, x, kernel, bias):
+      y = default_linear(identity, x, kernel, bias)
+      ab = lora.get(identity)
+      if ab is None:
+        return y
+      return y + scale * ((x @ ab["a"]) @ ab["b"]).astype(y.dtype)
+    return linear
+
+  def _make_step(self):
+    method, tx = self.settings.method, self.tx
+
+    if method == "losia":
+      def step(params, opt_state, ids, am, lm):
+        loss, g = jax.value_and_grad(
+            lambda p: self._loss(p, default_linear, ids, am, lm))(params)
+        params, opt_state = tx.apply_gradients(g, opt_state, params)
+        return params, opt_state, loss
+    elif method == "losia-pro":
+      vg = pro.value_and_grad(lambda p, linear, ids, am, lm: self._loss(p, linear, ids, am, lm),
+                              tx)
+
+      def step(params, opt_state, ids, am, lm):
+        loss, g = vg(params, opt_state, ids, am, lm)
+        params, opt_state = tx.apply_gradients(g, opt_state, params)
+        return params, opt_state, loss
+    elif method == "full":
+      def step(params, opt_state, ids, am, lm):
+        loss, g = jax.value_and_grad(
+            lambda p: self._loss(p, default_linear, ids, am, lm))(params)
+        u, opt_state = tx.update(g, opt_state, params)
+        return optax.apply_updates(params, u), opt_state, loss
+    else:  # lora: (params, opt_state) is ((frozen params, adapters), adam state)
+      def step(both, opt_state, ids, am, lm):
+        params, lora = both
+        loss, g = jax.value_and_grad(
+            lambda a: self._loss(params, self._lora_linear(a), ids, am, lm))(lora)
+        u, opt_state = tx.update(g, opt_state, lora)
+        return (params, optax.apply_updates(lora, u)), opt_state, loss
+    return step
+
+  # --- the Backend protocol -----------------------------------------------------
+
+  def _trainable_tree(self):
+    return (self.params, self.lora) if self.lora is not None else self.params
+
+  def trainable_params(self) -> int:
+    m = self.settings.method
+    if m in ("losia", "losia-pro"):
+      return int(self.plan.trainable_block_params) + (
+          sum(int(np.prod(self.params_leaf(k).shape)) for k, _ in self.plan.non_targets)
+          if self.settings.losia.non_target == "train" else 0)
+    if m == "lora":
+      return int(sum(x.size for x in jax.tree.leaves(self.lora)))
+    return int(sum(x.size for x in jax.tree.leaves(self.params)))
+
+  def params_leaf(self, key: str):
+    node = self.params
+    for part in key.split("."):
+      node = node[int(part)] if part.isdigit() and int(part) in node else node[part]
+    return node
+
+  def describe(self) -> str:
+    total = sum(x.size for x in jax.tree.leaves(self.params))
+    state = losia_jax.state_nbytes(self.opt_state)
+    lines = [f"model: {self.source.description} ({total / 1e6:.1f} M parameters, "
+             f"{self.config.num_hidden_layers} layers); backend jax ({jax.devices()[0].platform})",
+             f"method: {self.settings.method}; trainable parameters {self.trainable_params():,} "
+             f"({self.trainable_params() / total:.2%}); optimizer state "
+             f"{state / 2**20:.1f} MiB (AdamW on all: {8 * total / 2**20:.1f} MiB)"]
+    if self.settings.method in ("losia", "losia-pro"):
+      lines.append(self.plan.summary())
+    return "\n".join(lines)
+
+  def train_step(self, batch: Batch) -> dict[str, float]:
+    lr = float(self._lr[min(self._lr_count(), len(self._lr) - 1)])
+    skipped_before = self._skipped()
+    tree, self.opt_state, loss = self._step_fn(
+        self._trainable_tree(), self.opt_state, jnp.asarray(batch.input_ids, jnp.int32),
+        jnp.asarray(batch.attention_mask, jnp.int32), jnp.asarray(batch.loss_mask, jnp.float32))
+    if self.lora is not None:
+      self.params, self.lora = tree
+    else:
+      self.params = tree
+    self.step += 1
+    out = {"loss": float(loss), "lr": lr}
+    if self._skipped() > skipped_before:
+      out["skipped"] = 1.0
+    return out
+
+  def _lr_count(self) -> int:
+    if self.settings.method in ("losia", "losia-pro"):
+      return int(losia_jax.find_losia_state(self.opt_state).count)
+    return self.step
+
+  def _skipped(self) -> int:
+    if self.settings.method in ("losia", "losia-pro"):
+      return int(losia_jax.find_losia_state(self.opt_state).notfinite_count)
+    return 0
+
+  def _export_params(self):
+    """The weights to serve: the params, with LoRA merged into the kernels."""
+    if self.lora is None:
+      return self.params
+    params = jax.tree.map(lambda x: x, self.params)
+    for identity, ab in self.lora.items():
+      layer, role = identity[len("layer"):].split(".", 1)
+      node = params["model"]["layers"][int(layer)]
+      for part in role.split("."):
+        node = node[part]
+      node["kernel"] = node["kernel"] + self._lora_scale * (ab["a"] @ ab["b"])
+    return params
+
+  def generate(self, prompts: list[list[int]], max_new_tokens: int,
+               eos_token_id: Optional[int]) -> list[list[int]]:
+    model = self._merge(self._export_params())
+    return greedy_generate(model, prompts, max_new_tokens, eos_token_id)
+
+  def subnets(self):
+    if self.settings.method not in ("losia", "losia-pro"):
+      return None
+    st = losia_jax.find_losia_state(self.opt_state)
+    out = {}
+    for b in self.plan.buckets:
+      rows, cols = np.asarray(st.targets[b.role].rows), np.asarray(st.targets[b.role].cols)
+      for p, identity in enumerate(b.identities):
+        out[identity] = (rows[p], cols[p])
+    return out
+
+  def save_checkpoint(self, directory: str) -> None:
+    os.makedirs(directory)
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(os.path.join(os.path.abspath(directory), "state"),
+              {"trainable": self._trainable_tree(), "opt_state": self.opt_state})
+    ckpt.wait_until_finished()
+    ckpt.close()
+    with open(os.path.join(directory, "backend.json"), "w", encoding="utf-8") as f:
+      json.dump({"backend": "jax", "method": self.settings.method, "step": self.step}, f)
+
+  def restore_checkpoint(self, directory: str) -> None:
+    with open(os.path.join(directory, "backend.json"), encoding="utf-8") as f:
+      meta = json.load(f)
+    if meta.get("method") != self.settings.method or meta.get("backend") != "jax":
+      raise ValueError(f"checkpoint {directory} was written by backend {meta.get('backend')!r} "
+                       f"method {meta.get('method')!r}; this run is jax {self.settings.method!r}")
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                          {"trainable": self._trainable_tree(), "opt_state": self.opt_state})
+    ckpt = ocp.StandardCheckpointer()
+    out = ckpt.restore(os.path.join(os.path.abspath(directory), "state"), target)
+    ckpt.close()
+    if self.lora is not None:
+      self.params, self.lora = out["trainable"]
+    else:
+      self.params = out["trainable"]
+    self.opt_state = out["opt_state"]
+    self.step = int(meta["step"])
+
+  def export_hf(self, directory: str) -> None:
+    save_hf(self._merge(self._export_params()), self.hf_config, directory)
