@@ -87,13 +87,14 @@ class JaxBackend:
       self.tx = losia_jax.chain(*clip, inner) if clip else inner
       self.plan = self.tx.plan(self.params)  # raises when no target is found
       self.opt_state = self.tx.init(self.params)
-    elif method == "full":
-      self.tx = optax.chain(*clip, optax.adamw(lr_fn, weight_decay=settings.weight_decay))
-      self.opt_state = self.tx.init(self.params)
-    elif method == "lora":
-      self.lora, self._lora_scale = self._init_lora()
-      self.tx = optax.chain(*clip, optax.adamw(lr_fn, weight_decay=settings.weight_decay))
-      self.opt_state = self.tx.init(self.lora)
+    elif method in ("full", "lora"):
+      # A non-finite gradient skips the step (as LoSiA does) instead of writing NaN everywhere.
+      self.tx = optax.apply_if_finite(
+          optax.chain(*clip, optax.adamw(lr_fn, weight_decay=settings.weight_decay)),
+          max_consecutive_errors=2**30)
+      if method == "lora":
+        self.lora, self._lora_scale = self._init_lora()
+      self.opt_state = self.tx.init(self.lora if method == "lora" else self.params)
     else:
       raise ValueError(f"method must be one of losia, losia-pro, full, lora; got {method!r}")
     self._step_fn = jax.jit(self._make_step(), donate_argnums=(0, 1))
@@ -225,7 +226,7 @@ class JaxBackend:
   def _skipped(self) -> int:
     if self.settings.method in ("losia", "losia-pro"):
       return int(losia_jax.find_losia_state(self.opt_state).notfinite_count)
-    return 0
+    return int(self.opt_state.total_notfinite)
 
   def _export_params(self):
     """The weights to serve: the params, with LoRA merged into the kernels."""
