@@ -1,0 +1,43 @@
+"""LLaMA-family causal LMs in Flax NNX with Hugging Face weight conversion.
+
+- :class:`LlamaForCausalLM`, :class:`ModelConfig`, :func:`default_linear`: the model;
+- :func:`from_hf_state_dict`, :func:`to_hf_state_dict`, :func:`load_hf`,
+  :func:`save_hf`, :func:`load_gguf`, :func:`to_hf_config`: conversion and IO;
+- :func:`greedy_generate`: batched greedy decoding with a KV cache.
+"""
+
+from losia_jax.models.generate import greedy_generate
+from losia_jax.models.hf import (
+                                 from_hf_state_dict,
+                                 hf_key,
+                                 load_gguf,
+                                 load_hf,
+                                 save_hf,
+                                 to_hf_config,
+                                 to_hf_state_dict,
+)
+from losia_jax.models.llama import (
+                                 KVCache,
+                                 LlamaForCausalLM,
+                                 ModelConfig,
+                                 default_linear,
+                                 default_positions,
+                                 projection_identities,
+)
+
+__all__ = [
+    "KVCache",
+    "LlamaForCausalLM",
+    "ModelConfig",
+    "default_linear",
+    "default_positions",
+    "from_hf_state_dict",
+    "greedy_generate",
+    "hf_key",
+    "load_gguf",
+    "load_hf",
+    "projection_identities",
+    "save_hf",
+    "to_hf_config",
+    "to_hf_state_dict",
+]
