@@ -32,7 +32,7 @@ import transformers
 from flax import nnx
 
 import losia_jax
-from losia_cli.jax_backend import masked_nll
+from losia_jax.models import masked_nll
 from losia_jax import pro
 from losia_jax.models import LlamaForCausalLM, default_linear
 

@@ -28,13 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from flax import nnx
 
 import losia_jax
 from losia_cli.backend import Batch, ModelSource, TrainSettings
 from losia_cli.schedules import lr_multiplier
 from losia_jax import pro
-from losia_jax.models import default_linear, greedy_generate, load_gguf, load_hf, save_hf
+from losia_jax.models import (default_linear, functional, greedy_generate, load_gguf, load_hf,
+                              masked_nll, save_hf)
 
 
 def _lr_table(s: TrainSettings) -> np.ndarray:
@@ -42,16 +42,6 @@ def _lr_table(s: TrainSettings) -> np.ndarray:
   n = max(1, s.total_steps) + 1
   return np.asarray([s.lr * lr_multiplier(i, s.lr_schedule, s.warmup_steps, s.total_steps)
                      for i in range(n)], np.float32)
-
-
-def masked_nll(logits: jax.Array, ids: jax.Array, loss_mask: jax.Array) -> jax.Array:
-  """Mean next-token NLL over the positions ``loss_mask`` marks (see ``Batch``)."""
-  logits = logits[:, :-1].astype(jnp.float32)
-  target = ids[:, 1:]
-  mask = loss_mask[:, :-1].astype(jnp.float32)
-  picked = jnp.take_along_axis(logits, target[..., None], axis=-1)[..., 0]
-  nll = jax.nn.logsumexp(logits, axis=-1) - picked
-  return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
 class JaxBackend:
@@ -70,8 +60,7 @@ class JaxBackend:
     self.config = model.config
     self.max_positions = int(self.config.max_position_embeddings)
     self.vocab_size = int(self.config.vocab_size)
-    self.graphdef, self._template, self._rest = nnx.split(model, nnx.Param, ...)
-    self.params = nnx.to_pure_dict(self._template)
+    self.params, self._apply, self._bind = functional(model)
     self.step = 0
     self._lr = _lr_table(settings)
     lr_table = jnp.asarray(self._lr)
@@ -102,13 +91,10 @@ class JaxBackend:
   # --- model ------------------------------------------------------------------
 
   def _merge(self, params):
-    state = jax.tree.map(lambda x: x, self._template)
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(self.graphdef, state, self._rest)
+    return self._bind(params)
 
   def _loss(self, params, linear, ids, attention_mask, loss_mask):
-    logits = self._merge(params)(ids, attention_mask, linear=linear)
-    return masked_nll(logits, ids, loss_mask)
+    return masked_nll(self._apply(params, ids, attention_mask, linear=linear), ids, loss_mask)
 
   def _init_lora(self):
     """LoRA factors for every projection LoSiA would target (same target_modules)."""

@@ -17,7 +17,8 @@ import torch
 import transformers
 
 from losia_cli.backend import ModelSource
-from losia_cli.jax_backend import JaxBackend, masked_nll
+from losia_cli.jax_backend import JaxBackend
+from losia_jax.models import masked_nll
 from tests.cli.test_torch_backend import (LOSIA, METHODS, make_batch, settings,
                                           tiny_config)
 

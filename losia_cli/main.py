@@ -1,0 +1,538 @@
+"""``losia-finetune``: the driver that ties data, a backend, evaluation and reports together.
+
+``main(argv)`` returns the exit code (0 success, 2 bad input, 1 unexpected,
+130 interrupted) and never calls ``sys.exit``, so tests can call it directly.
+The backend (model + optimizer) is imported only when chosen, so the torch
+backend works without JAX installed and vice versa.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from typing import Any, Optional
+
+from losia_cli import checkpoints as ck
+from losia_cli import data as D
+from losia_cli import report as R
+from losia_cli import tasks
+from losia_cli.args import (PROG, TASK_MAX_NEW_TOKENS, HelpExit, RunConfig, UsageError,
+                            build_config, default_warmup, output_dir_of, parse_flags)
+from losia_cli.backend import ModelSource, TrainSettings
+
+EVAL_CHUNK = 32          # prompts per backend.generate call (progress between calls)
+SHOWN_EXAMPLES = 3
+DRIVER_FORMAT = 1
+# Settings a resumed run may change: they do not touch the training trajectory.
+SOFT_FIELDS = frozenset({"output_dir", "resume", "quiet", "plots", "export", "save_every",
+                         "keep_checkpoints", "explicit"})
+_EXCLUSIVE = (("steps", "epochs"), ("data", "task"))
+
+
+class CliError(Exception):
+  """Bad input found after parsing (exit code 2)."""
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+  try:
+    return Run(parse_flags(argv)).execute()
+  except HelpExit as e:
+    return e.status
+  except (UsageError, CliError, D.DataError, ck.OutputDirError) as e:
+    print(f"{PROG}: error: {e}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print(f"\n{PROG}: interrupted; continue later with --resume (from the latest checkpoint)",
+          file=sys.stderr)
+    return 130
+  except Exception as e:  # pylint: disable=broad-except
+    traceback.print_exc()
+    print(f"{PROG}: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+    return 1
+
+
+# --- model facts needed before the backend loads ---------------------------------------------
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def load_tokenizer(source: ModelSource):
+  """The model's tokenizer (``AutoTokenizer``, from the directory or the GGUF file)."""
+  if source.kind == "hf" and not any(
+      os.path.isfile(os.path.join(source.path, n)) for n in TOKENIZER_FILES):
+    raise CliError(f"argument --model: {source.path} has no tokenizer (none of "
+                   f"{', '.join(TOKENIZER_FILES)}); save it there with "
+                   "tokenizer.save_pretrained(DIR)")
+  import transformers
+  try:
+    if source.kind == "gguf":
+      return transformers.AutoTokenizer.from_pretrained(
+          os.path.dirname(source.path), gguf_file=os.path.basename(source.path))
+    return transformers.AutoTokenizer.from_pretrained(source.path)
+  except Exception as e:  # transformers raises OSError, ValueError, ... depending on what is missing
+    detail = " ".join(str(e).split())
+    raise CliError(f"could not load a tokenizer from {source.path}: {detail}")
+
+
+def model_facts(source: ModelSource) -> tuple[Optional[int], Optional[int]]:
+  """``(max_position_embeddings, num_hidden_layers)`` read without loading the weights."""
+  if source.kind == "hf":
+    try:
+      with open(os.path.join(source.path, "config.json"), encoding="utf-8") as f:
+        c = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+      raise CliError(f"cannot read {source.path}/config.json: {e}")
+    c = c.get("text_config", c)
+    return c.get("max_position_embeddings"), c.get("num_hidden_layers")
+  import transformers
+  try:
+    c = transformers.AutoConfig.from_pretrained(
+        os.path.dirname(source.path), gguf_file=os.path.basename(source.path))
+  except Exception as e:
+    raise CliError(f"cannot read the model configuration of {source.path}: {e}")
+  return getattr(c, "max_position_embeddings", None), getattr(c, "num_hidden_layers", None)
+
+
+def make_backend(cfg: RunConfig, settings: TrainSettings):
+  try:
+    if cfg.backend == "jax":
+      from losia_cli.jax_backend import JaxBackend as cls
+    else:
+      from losia_cli.torch_backend import TorchBackend as cls
+  except ImportError as e:
+    extra = "jax" if cfg.backend == "jax" else "torch"
+    raise CliError(f"--backend {cfg.backend} is not available ({e}); install it with "
+                   f"pip install 'open-losia[{extra}]'")
+  try:
+    return cls(cfg.model, settings)
+  except ValueError as e:
+    raise CliError(f"--method {cfg.method} on {cfg.model.description}: {e}")
+
+
+def _check_positions(what: str, seq_len: int, max_positions: Optional[int]) -> None:
+  if max_positions is not None and seq_len > max_positions:
+    raise CliError(f"argument --seq-len: {seq_len} is more than the model's "
+                   f"max_position_embeddings {max_positions} ({what})")
+
+
+def _fmt_pct(x: Optional[float]) -> str:
+  return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class DriverState:
+  """What the driver itself needs to continue a run exactly (saved as driver.json)."""
+
+  step: int = 0
+  tokens_seen: int = 0
+  train_seconds: float = 0.0
+  elapsed_s: float = 0.0
+  eval_before: Optional[dict[str, Any]] = None
+
+
+class Run:
+  """One invocation: prepare, (restore,) evaluate, train, evaluate, export, report."""
+
+  def __init__(self, given: dict[str, Any]):
+    self.given = given  # the flags, by dest, as parse_flags returns them
+    self.state = DriverState()
+    self.timings: dict[str, float] = {}
+    self.resume_from: Optional[tuple[int, str]] = None
+    self.saved: Optional[dict[str, Any]] = None
+
+  def log(self, text: str = "") -> None:
+    print(text, flush=True)
+
+  # -- preparation --
+
+  def execute(self) -> int:
+    t_start = R.now()
+    self.out = output_dir_of(self.given)
+    if self.given.get("resume"):
+      # The checkpoint's flags fill in what is not given now (validated together below).
+      ck.prepare_output_dir(self.out, True)
+      self.resume_from = ck.latest_checkpoint(self.out)
+      self.saved = ck.read_driver_state(self.resume_from[1])
+      self.cfg = cfg = build_config(self._merge_resumed(self.given, self.saved))
+    else:
+      self.cfg = cfg = build_config(self.given)  # bad flags fail before anything is created
+      ck.prepare_output_dir(self.out, False)
+    t0 = R.now()
+    self.tokenizer = load_tokenizer(cfg.model)
+    max_pos, num_layers = model_facts(cfg.model)
+    _check_positions("from the model config", cfg.seq_len, max_pos)
+    self.formatter = D.Formatter(self.tokenizer)
+    self.timings["tokenizer_s"] = R.now() - t0
+    self._load_data()
+    self.total_steps = (cfg.steps if cfg.steps is not None else
+                        D.steps_for_epochs(cfg.epochs, len(self.train_enc), cfg.batch_size))
+    self.warmup_steps = (cfg.warmup_steps if cfg.warmup_steps is not None else
+                         default_warmup(self.total_steps))
+    if self.warmup_steps > self.total_steps:
+      raise CliError(f"argument --warmup-steps: {cfg.warmup_steps} is more than the run's "
+                     f"{self.total_steps} steps")
+    self.losia = None
+    if cfg.uses_losia:
+      if num_layers is None:
+        raise CliError(f"cannot tell how many layers {cfg.model.path} has (needed for "
+                       "--period auto); pass --period N")
+      self.losia = cfg.losia_config_for(num_layers, self.total_steps)
+    self._check_resume_compatible()
+    settings = TrainSettings(
+        method=cfg.method, losia=self.losia, lr=cfg.lr, lr_schedule=cfg.lr_schedule,
+        warmup_steps=self.warmup_steps, total_steps=self.total_steps,
+        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+        lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, seed=cfg.seed,
+        seq_len=cfg.seq_len, batch_size=cfg.batch_size)
+    self.log(f"loading {cfg.model.description} on the {cfg.backend} backend ...")
+    t0 = R.now()
+    self.backend = make_backend(cfg, settings)
+    self.timings["model_load_s"] = R.now() - t0
+    _check_positions("reported by the backend", cfg.seq_len, self.backend.max_positions)
+    self._check_generation_fits()
+    self.log(self.backend.describe())
+    self.tracker = R.SubnetTracker()
+    if self.resume_from is not None:
+      self._restore()
+    else:
+      self.tracker.observe(0, self.backend.subnets())
+    self._print_plan()
+    if self.state.eval_before is None and self.eval_examples:
+      self.state.eval_before = self._evaluate("before")
+    self._train()
+    after = self._evaluate("after") if self.eval_examples else None
+    self._report_eval(after)
+    if cfg.export:
+      self._export()
+    self._pictures()
+    self.timings["total_s"] = R.now() - t_start
+    self._write_summary(after)
+    return 0
+
+  def _merge_resumed(self, now: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's flags, overridden by the flags given now (compared later)."""
+    if saved.get("format") != DRIVER_FORMAT:
+      raise CliError(f"{self.resume_from[1]}: unknown driver.json format {saved.get('format')}")
+    given = dict(saved["given"])
+    for a, b in _EXCLUSIVE:  # e.g. --epochs now replaces the checkpoint's --steps
+      if a in now or b in now:
+        given.pop(a, None)
+        given.pop(b, None)
+    given.update(now)
+    given["output_dir"] = self.out
+    return given
+
+  def _check_resume_compatible(self) -> None:
+    if self.saved is None:
+      return
+    old = self.saved["config"]
+    new = self.cfg.to_dict()
+    diffs = [k for k in new if k not in SOFT_FIELDS and k != "losia" and old.get(k) != new[k]]
+    if self.saved.get("losia") != (self.losia.to_dict() if self.losia else None):
+      diffs.append("LoSiA settings")
+    if self.saved.get("total_steps") != self.total_steps:
+      diffs.append(f"total steps ({self.saved.get('total_steps')} saved, {self.total_steps} now)")
+    if self.saved.get("data") != self.data_fingerprint:
+      diffs.append("data file contents")
+    if diffs:
+      raise CliError(
+          f"--resume: the checkpoint {self.resume_from[1]} was made with different settings: "
+          f"{', '.join(sorted(set(diffs)))}; resume with the original flags (or omit them: "
+          "the checkpoint's are used), or start a new run in another --output-dir")
+
+  def _load_data(self) -> None:
+    cfg = self.cfg
+    fp: dict[str, Any] = {}
+    if cfg.task is not None:
+      train, evals = tasks.splits(cfg.seed, eval_size=cfg.eval_size)
+      train_ex = [D.Example(p.prompt, p.response) for p in train]
+      eval_ex = [D.Example(p.prompt, p.response) for p in evals]
+      self.scorer = tasks.TASK_SCORER
+      fp["task"] = cfg.task
+    else:
+      train_ex = D.load_jsonl(cfg.data)
+      fp["data"] = D.file_fingerprint(cfg.data)
+      if cfg.eval_data is not None:
+        eval_ex = D.load_jsonl(cfg.eval_data)[:cfg.eval_size]
+        fp["eval_data"] = D.file_fingerprint(cfg.eval_data)
+      else:
+        train_ex, eval_ex = D.heldout_split(train_ex, cfg.eval_size, cfg.seed)
+      self.scorer = tasks.EXACT_MATCH
+    self.data_fingerprint = fp
+    train_ex, self.train_enc, dropped = D.encode_all(train_ex, self.formatter, cfg.seq_len)
+    self.dropped = dropped
+    if not self.train_enc:
+      raise CliError(f"all {dropped} training examples are longer than --seq-len "
+                     f"{cfg.seq_len} tokens; raise --seq-len")
+    if dropped:
+      self.log(f"note: dropped {dropped} training example(s) longer than --seq-len "
+               f"{cfg.seq_len} tokens ({len(self.train_enc)} kept)")
+    self.eval_examples, eval_enc, eval_dropped = D.encode_all(eval_ex, self.formatter,
+                                                              cfg.seq_len)
+    if eval_dropped:
+      self.log(f"note: dropped {eval_dropped} eval example(s) longer than --seq-len")
+    self.eval_prompts = [list(e.prompt_ids) for e in eval_enc]
+    if cfg.max_new_tokens is not None:
+      self.max_new_tokens = cfg.max_new_tokens
+    elif cfg.task is not None:
+      self.max_new_tokens = TASK_MAX_NEW_TOKENS
+    else:
+      self.max_new_tokens = max((len(e.target_ids) for e in eval_enc), default=1)
+    self.order = D.BatchOrder(len(self.train_enc), cfg.batch_size, cfg.seed)
+
+  def _check_generation_fits(self) -> None:
+    if not self.eval_prompts:
+      return
+    longest = max(len(p) for p in self.eval_prompts)
+    if longest + self.max_new_tokens > self.backend.max_positions:
+      raise CliError(
+          f"argument --max-new-tokens: {self.max_new_tokens} new tokens after the longest eval "
+          f"prompt ({longest} tokens) exceed the model's max_position_embeddings "
+          f"{self.backend.max_positions}")
+
+  def _restore(self) -> None:
+    step, path = self.resume_from
+    self.log(f"resuming from {path}")
+    self.backend.restore_checkpoint(path)
+    s = self.saved
+    self.state = DriverState(step=s["step"], tokens_seen=s["tokens_seen"],
+                             train_seconds=s["train_seconds"], elapsed_s=s["elapsed_s"],
+                             eval_before=s.get("eval_before"))
+    if self.backend.step != self.state.step:
+      raise CliError(f"{path}: the backend restored step {self.backend.step} but driver.json "
+                     f"says {self.state.step}; the checkpoint is inconsistent")
+    subnets = os.path.join(path, "subnets.npz")
+    if os.path.exists(subnets):
+      self.tracker = R.SubnetTracker.load(subnets)
+
+  def _print_plan(self) -> None:
+    cfg = self.cfg
+    n = len(self.train_enc)
+    epochs = self.total_steps * cfg.batch_size / n
+    data = f"task {cfg.task}" if cfg.task else cfg.data
+    self.log(f"data: {data}: {n} training examples, {len(self.eval_examples)} held out; "
+             f"{self.total_steps} steps × {cfg.batch_size} sequences × {cfg.seq_len} tokens "
+             f"= {epochs:.2f} epochs")
+    sched = f"lr {cfg.lr:g} ({cfg.lr_schedule}, {self.warmup_steps} warmup steps)"
+    if self.losia is not None:
+      sched += (f"; LoSiA p={self.losia.rank_factor:g}, period {self.losia.period}, "
+                f"{self.losia.schedule}, output rows {self.losia.output_rank_factor:g}")
+    elif any(k.startswith("losia") for k in cfg.explicit):
+      sched += f"; note: the LoSiA settings do not apply to --method {cfg.method}"
+    self.log(sched)
+    self.log(f"output: {self.out}")
+
+  # -- evaluation --
+
+  def _evaluate(self, label: str) -> dict[str, Any]:
+    t0 = R.now()
+    preds: list[str] = []
+    n = len(self.eval_prompts)
+    from tqdm.auto import tqdm
+    with tqdm(total=n, desc=f"eval {label}", unit="ex", file=sys.stderr,
+              disable=self.cfg.quiet, leave=False) as bar:
+      for i in range(0, n, EVAL_CHUNK):
+        chunk = self.eval_prompts[i:i + EVAL_CHUNK]
+        outs = self.backend.generate(chunk, self.max_new_tokens, self.formatter.eos_id)
+        preds.extend(self.formatter.decode(o) for o in outs)
+        bar.update(len(chunk))
+    correct = [self.scorer.correct(p, e.response) for p, e in zip(preds, self.eval_examples)]
+    score = sum(correct) / len(correct) if correct else None
+    seconds = R.now() - t0
+    self.timings[f"eval_{label}_s"] = seconds
+    self.log(f"{self.scorer.name} {label} training: {_fmt_pct(score)} "
+             f"({sum(correct)}/{len(correct)}, {seconds:.1f} s)")
+    return {"score": score, "correct": int(sum(correct)), "n": len(correct),
+            "predictions": preds, "seconds": seconds}
+
+  def _report_eval(self, after: Optional[dict[str, Any]]) -> None:
+    before = self.state.eval_before
+    if before is None or after is None:
+      return
+    self.log(f"{self.scorer.name} before: {_fmt_pct(before['score'])} → after: "
+             f"{_fmt_pct(after['score'])}")
+    for i, ex in enumerate(self.eval_examples[:SHOWN_EXAMPLES]):
+      self.log(f"  [{i + 1}] prompt: {ex.prompt}")
+      self.log(f"      target: {ex.response!r}  before: {before['predictions'][i]!r}  "
+               f"after: {after['predictions'][i]!r}")
+
+  # -- training --
+
+  def _driver_json(self) -> dict[str, Any]:
+    s = self.state
+    return {
+        "format": DRIVER_FORMAT,
+        "step": s.step,
+        "total_steps": self.total_steps,
+        "examples_seen": s.step * self.cfg.batch_size,
+        "epochs_done": s.step * self.cfg.batch_size / len(self.train_enc),
+        "seed": self.cfg.seed,
+        "data_order": "batch k = stream positions [k*B, (k+1)*B); epoch e = "
+                      "permutation(seed, e) (losia_cli.data.BatchOrder)",
+        "num_train_examples": len(self.train_enc),
+        "tokens_seen": s.tokens_seen,
+        "train_seconds": s.train_seconds,
+        "elapsed_s": s.elapsed_s,
+        "eval_before": s.eval_before,
+        "given": _explicit_values(self.cfg),
+        "config": self.cfg.to_dict(),
+        "losia": self.losia.to_dict() if self.losia else None,
+        "data": self.data_fingerprint,
+        "backend": self.backend.name,
+        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+  def _checkpoint(self) -> None:
+    def extra(tmp: str) -> None:
+      if self.tracker.segments:
+        self.tracker.save(os.path.join(tmp, "subnets.npz"))
+    ck.write_checkpoint(self.out, self.state.step, self.backend.save_checkpoint,
+                        self._driver_json(), extra)
+    ck.apply_retention(self.out, self.cfg.keep_checkpoints)
+
+  def _train(self) -> None:
+    cfg, st = self.cfg, self.state
+    metrics_path = os.path.join(self.out, "metrics.jsonl")
+    history = R.truncate_metrics(metrics_path, st.step)
+    self.records = history
+    if st.step >= self.total_steps:
+      self.log(f"training already complete ({st.step} steps)")
+      return
+    progress = R.Progress(self.total_steps, st.step, cfg.quiet, history)
+    warned = False
+    loop_start = R.now() - st.elapsed_s
+    try:
+      with R.MetricsWriter(metrics_path) as writer:
+        for k in range(st.step, self.total_steps):
+          batch = D.make_batch([self.train_enc[i] for i in self.order.indices(k)],
+                               cfg.seq_len, self.formatter.pad_id)
+          tokens = int(batch.attention_mask.sum())
+          t0 = R.now()
+          m = self.backend.train_step(batch)
+          dt = R.now() - t0
+          if k == self.first_step:
+            self.timings["first_step_s"] = dt
+          st.step, st.tokens_seen, st.train_seconds = k + 1, st.tokens_seen + tokens, \
+              st.train_seconds + dt
+          loss = float(m["loss"])
+          smoothed, _ = progress.update(loss, tokens, dt)
+          if (m.get("skipped") or not math.isfinite(loss)) and not warned:
+            progress.write(f"warning: non-finite loss or gradients at step {k + 1}; the "
+                           "backend skipped the update (counted in summary.json)")
+            warned = True
+          self.tracker.observe(k + 1, self.backend.subnets())
+          st.elapsed_s = R.now() - loop_start
+          rec = {"step": k + 1, "loss": loss, "lr": float(m.get("lr", float("nan"))),
+                 "tokens": tokens, "target_tokens": int(batch.loss_mask.sum()),
+                 "tokens_per_s": tokens / dt if dt > 0 else None,
+                 "elapsed_s": round(st.elapsed_s, 3), "loss_smoothed": smoothed,
+                 "epoch": self.order.epoch_of(k)}
+          rec.update({key: v for key, v in m.items() if key not in rec})
+          writer.write(rec)
+          self.records.append(rec)
+          if cfg.save_every and st.step % cfg.save_every == 0 and st.step < self.total_steps:
+            self._checkpoint()
+      self._checkpoint()
+    finally:
+      progress.close()
+    self.log(f"trained {self.total_steps} steps; final loss {self.records[-1]['loss']:.4f} "
+             f"(smoothed {self.records[-1].get('loss_smoothed', float('nan')):.4f})")
+
+  @property
+  def first_step(self) -> int:
+    """The first step this process runs (its time includes compilation)."""
+    return self.saved["step"] if self.saved else 0
+
+  # -- outputs --
+
+  def _export(self) -> None:
+    t0 = R.now()
+    final = os.path.join(self.out, "model")
+
+    def build(tmp: str) -> None:
+      self.backend.export_hf(tmp)
+      self.tokenizer.save_pretrained(tmp)
+
+    ck.build_dir_atomic(final, build, "model")
+    self.timings["export_s"] = R.now() - t0
+    self.log(f"exported the fine-tuned model to {final}")
+
+  def _pictures(self) -> None:
+    if not self.cfg.plots:
+      return
+    title = f"{self.cfg.method} on {self.cfg.model.description} ({self.cfg.backend})"
+    if self.records:
+      R.plot_loss(self.records, os.path.join(self.out, "loss.png"), title)
+    drawn = R.plot_subnets(self.tracker, self.total_steps,
+                           os.path.join(self.out, "subnets.png"), f"LoSiA subnets: {title}")
+    if drawn:
+      self.tracker.save(os.path.join(self.out, "subnets.npz"))
+    else:
+      self.log(f"note: no subnets.png (method {self.cfg.method} has no LoSiA subnets)")
+
+  def _write_summary(self, after: Optional[dict[str, Any]]) -> None:
+    st, before = self.state, self.state.eval_before
+    measured = [r for r in self.records if r["step"] > self.first_step + 1]
+    steady_tokens = sum(r["tokens"] for r in measured)
+    steady_s = sum(r["tokens"] / r["tokens_per_s"] for r in measured if r.get("tokens_per_s"))
+    last = self.records[-1] if self.records else {}
+    examples = [{"prompt": ex.prompt, "target": ex.response,
+                 "before": before["predictions"][i] if before else None,
+                 "after": after["predictions"][i] if after else None}
+                for i, ex in enumerate(self.eval_examples[:SHOWN_EXAMPLES])]
+    summary = {
+        "config": self.cfg.to_dict(),
+        "losia": self.losia.to_dict() if self.losia else None,
+        "backend": self.backend.describe(),
+        "trainable_params": int(self.backend.trainable_params()),
+        "steps": st.step,
+        "total_steps": self.total_steps,
+        "warmup_steps": self.warmup_steps,
+        "train_examples": len(self.train_enc),
+        "dropped_examples": self.dropped,
+        "eval_examples": len(self.eval_examples),
+        "metric": self.scorer.name,
+        "score_before": before["score"] if before else None,
+        "score_after": after["score"] if after else None,
+        "examples": examples,
+        "skipped_steps": sum(1 for r in self.records if r.get("skipped")),
+        "final_loss": last.get("loss"),
+        "final_loss_smoothed": last.get("loss_smoothed"),
+        "tokens_seen": st.tokens_seen,
+        "throughput": {
+            "tokens_per_s": st.tokens_seen / st.train_seconds if st.train_seconds else None,
+            "tokens_per_s_after_first_step": steady_tokens / steady_s if steady_s else None,
+            "steps_per_s": st.step / st.train_seconds if st.train_seconds else None,
+        },
+        "timings": {**self.timings, "train_s": st.train_seconds},
+        "resumed_from_step": self.saved["step"] if self.saved else None,
+    }
+    ck.write_json_atomic(os.path.join(self.out, "summary.json"), summary)
+    self.log(f"summary: {os.path.join(self.out, 'summary.json')} "
+             f"(total {self.timings['total_s']:.0f} s)")
+
+
+def _explicit_values(cfg: RunConfig) -> dict[str, Any]:
+  """The flags the user gave, as ``build_config`` takes them (for driver.json and resume)."""
+  out: dict[str, Any] = {}
+  for key in cfg.explicit:
+    if key.startswith("losia."):
+      v = cfg.losia[key[len("losia."):]]
+    elif key == "model":
+      v = cfg.model.path
+    else:
+      v = getattr(cfg, key)
+    out[key] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def main_entry() -> None:
+  """The ``losia-finetune`` console script."""
+  sys.exit(main())
