@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The main job. For now: a small LoSiA fine-tuning run in JAX that prints the
-# loss, the subnet relocalizations and the optimizer-state memory.
+# The main job: LoSiA fine-tuning of the embedded SmolLM2-135M-Instruct on the
+# embedded arithmetic task (JAX backend), with accuracy before and after, a
+# progress bar, metrics, pictures, checkpoints and a transformers export in
+# ./losia-run. Flags are passed to losia-finetune (try --help).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$root/scripts/bootstrap.sh"
-cd "$root"
-exec "$root/.venv/bin/python" examples/quickstart_jax.py "$@"
+exec "$root/.venv/bin/losia-finetune" "$@"
