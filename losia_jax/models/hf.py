@@ -248,6 +248,15 @@ def to_hf_config(config: ModelConfig) -> Any:
   return hf
 
 
+def _usual_permissions(directory: str) -> None:
+  """mkdtemp makes a 0700 directory: give the export the permissions of a normal one."""
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(directory, 0o777 & ~umask)
+  for name in os.listdir(directory):
+    os.chmod(os.path.join(directory, name), 0o666 & ~umask)
+
+
 def save_hf(model: LlamaForCausalLM, hf_config: Any, directory: str, *,
             overwrite: bool = False) -> None:
   """Writes ``config.json`` and ``model.safetensors`` (fp32) loadable by transformers.
@@ -285,6 +294,7 @@ def save_hf(model: LlamaForCausalLM, hf_config: Any, directory: str, *,
     tensors = {k: np.ascontiguousarray(v, dtype=np.float32)
                for k, v in to_hf_state_dict(model).items()}
     save_file(tensors, os.path.join(tmp, SAFETENSORS_FILE), metadata={"format": "pt"})
+    _usual_permissions(tmp)
     if os.path.lexists(directory):
       old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
       os.rmdir(old)
