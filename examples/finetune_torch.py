@@ -11,7 +11,7 @@ fmt = data.Formatter(transformers.AutoTokenizer.from_pretrained(os.path.dirname(
 opt = losia_torch.get_losia_optimizer(model, losia_torch.LoSiAConfig(rank_factor=0.125, output_rank_factor=0.125, period=2), lr=5e-4, pro=True)
 train, heldout = tasks.splits(seed=0)
 for k in range(40):
-  b = {k: torch.as_tensor(v).long() for k, v in vars(data.make_batch([fmt.encode(e) for e in train[8 * k:8 * k + 8]], 64, fmt.pad_id)).items()}
+  b = {k: torch.as_tensor(v).long() for k, v in data.make_batch([fmt.encode(e) for e in train[8 * k:8 * k + 8]], 64, fmt.pad_id)._asdict().items()}
   masked_next_token_loss(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["input_ids"], b["loss_mask"]).backward()
   opt.step(); opt.zero_grad()
 model.save_pretrained("smollm2-arithmetic")  # a transformers checkpoint: LoSiA trains the weights in place

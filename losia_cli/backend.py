@@ -10,7 +10,7 @@ driver and its tests treat them alike.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Protocol
+from typing import Any, NamedTuple, Optional, Protocol
 
 import numpy as np
 
@@ -59,9 +59,10 @@ class TrainSettings:
   batch_size: int
 
 
-@dataclasses.dataclass
-class Batch:
+class Batch(NamedTuple):
   """One training batch; right-padded to ``seq_len`` so shapes never change.
+
+  A NamedTuple, hence a JAX pytree: it can be passed to jitted functions as is.
 
   Attributes:
     input_ids: int32 ``[B, S]``.

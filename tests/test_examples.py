@@ -37,3 +37,9 @@ def test_readme_example_runs_and_exports(name, tmp_path):
   _run_example(name, out)
   model = transformers.AutoModelForCausalLM.from_pretrained(str(out))
   assert model.config.num_hidden_layers == 30
+
+
+@pytest.mark.parametrize("name", ["finetune_jax.py", "finetune_torch.py"])
+def test_readme_shows_the_examples_verbatim(name):
+  body = (ROOT / "examples" / name).read_text().split('"""', 2)[2].strip()
+  assert f"# examples/{name}\n{body}\n```" in (ROOT / "README.md").read_text()
