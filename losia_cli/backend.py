@@ -95,10 +95,15 @@ class Backend(Protocol):
     """Human-readable summary: model, method, trainable parameters, optimizer-state bytes."""
 
   def trainable_params(self) -> int:
-    """Parameters the method updates (LoSiA: the block parameters)."""
+    """Parameters the method updates (LoSiA: the block parameters, plus every
+    non-target parameter when ``non_target="train"``)."""
 
   def train_step(self, batch: Batch) -> dict[str, float]:
-    """One optimizer step; returns at least ``{"loss": ..., "lr": ...}`` (host floats)."""
+    """One optimizer step; returns at least ``{"loss": ..., "lr": ...}`` (host floats).
+
+    A step whose gradients are not finite changes no weight and returns
+    ``"skipped": 1.0``; ``step`` still advances (it counts batches consumed).
+    """
 
   def generate(self, prompts: list[list[int]], max_new_tokens: int,
                eos_token_id: Optional[int]) -> list[list[int]]:
