@@ -38,6 +38,8 @@ import losia_jax  # noqa: E402
 from losia_cli.backend import Batch, ModelSource, TrainSettings  # noqa: E402
 from losia_cli.jax_backend import JaxBackend  # noqa: E402
 from losia_common import LoSiAConfig  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from peers_common import make_batch, settings_for  # noqa: E402
 from losia_common import names as _names  # noqa: E402
 
 GALORE_UPDATE_GAP = 200  # optax's default; the SVD then runs once, in the first (untimed) step
@@ -79,25 +81,6 @@ class GaLoreBackend(JaxBackend):
         max_consecutive_errors=2**30)
     self.opt_state = self.tx.init(self.params)
     self._step_fn = jax.jit(self._make_step(), donate_argnums=(0, 1))
-
-
-def settings_for(spec: dict, job: dict) -> TrainSettings:
-  """The backend settings of one method row (``spec`` from ``peers.method_specs``)."""
-  cfg = LoSiAConfig(rank_factor=0.125, output_rank_factor=0.125, period=job["period"],
-                    non_target=spec.get("non_target", "freeze"))
-  return TrainSettings(
-      method=spec["method"], losia=cfg, lr=1e-4, lr_schedule="constant", warmup_steps=0,
-      total_steps=10_000, weight_decay=0.0, max_grad_norm=0.0,
-      lora_rank=int(spec.get("lora_rank") or 8), lora_alpha=16.0, seed=0,
-      seq_len=job["seq"], batch_size=job["batch"])
-
-
-def make_batch(job: dict) -> Batch:
-  """A fixed random batch, every position a real and predicted token."""
-  rng = np.random.default_rng(0)
-  b, s = job["batch"], job["seq"]
-  return Batch(rng.integers(0, job["vocab"], (b, s), dtype=np.int32),
-               np.ones((b, s), np.int32), np.ones((b, s), np.float32))
 
 
 def build(spec: dict, job: dict):

@@ -30,9 +30,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from losia_cli.backend import Batch, ModelSource, TrainSettings  # noqa: E402
+from losia_cli.backend import ModelSource  # noqa: E402
 from losia_cli.torch_backend import TorchBackend, _tensor_bytes  # noqa: E402
-from losia_common import LoSiAConfig  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from peers_common import make_batch, settings_for  # noqa: E402
 
 
 def _status_kib(field: str) -> Optional[int]:
@@ -54,24 +55,6 @@ def reset_peak_rss() -> bool:
     return True
   except OSError:
     return False
-
-
-def settings_for(spec: dict, job: dict) -> TrainSettings:
-  cfg = LoSiAConfig(rank_factor=0.125, output_rank_factor=0.125, period=job["period"],
-                    non_target=spec.get("non_target", "freeze"))
-  return TrainSettings(
-      method=spec["method"], losia=cfg, lr=1e-4, lr_schedule="constant", warmup_steps=0,
-      total_steps=10_000, weight_decay=0.0, max_grad_norm=0.0,
-      lora_rank=int(spec.get("lora_rank") or 8), lora_alpha=16.0, seed=0,
-      seq_len=job["seq"], batch_size=job["batch"])
-
-
-def make_batch(job: dict) -> Batch:
-  """The same fixed batch as ``peers_jax.make_batch``."""
-  rng = np.random.default_rng(0)
-  b, s = job["batch"], job["seq"]
-  return Batch(rng.integers(0, job["vocab"], (b, s), dtype=np.int32),
-               np.ones((b, s), np.int32), np.ones((b, s), np.float32))
 
 
 def state_bytes(backend: TorchBackend) -> int:
