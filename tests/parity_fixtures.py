@@ -17,12 +17,17 @@ FIXTURE_DIR = os.path.join(ROOT, "shared", "parity")
 SCRIPT = os.path.join(ROOT, "scripts", "make_parity_fixtures.py")
 
 
-def generator():
-  """The ``make_parity_fixtures`` script as a module."""
-  spec = importlib.util.spec_from_file_location("make_parity_fixtures", SCRIPT)
+def load_script(name: str, path: str):
+  """A Python script that is not a package module, imported as module ``name``."""
+  spec = importlib.util.spec_from_file_location(name, path)
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return mod
+
+
+def generator():
+  """The ``make_parity_fixtures`` script as a module."""
+  return load_script("make_parity_fixtures", SCRIPT)
 
 
 CASES = tuple(generator().CASES)

@@ -6,7 +6,6 @@ about timing is asserted: the figures of a shared CPU say nothing here.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -15,15 +14,14 @@ import sys
 
 import pytest
 
+from tests.parity_fixtures import load_script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "peers.py")
 
 
 def _peers_module():
-  spec = importlib.util.spec_from_file_location("peers_under_test", SCRIPT)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  return load_script("peers_under_test", SCRIPT)
 
 
 def _finite(x) -> bool:
