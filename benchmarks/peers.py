@@ -8,9 +8,15 @@ optimizer-state bytes and peak memory of
 - ``full``: AdamW on every parameter;
 - ``lora``: LoRA on LoSiA's target projections, at the rank whose trainable
   parameter count matches LoSiA's (computed from the plan) and at r = 8, 16;
-- ``losia`` / ``losia-pro``: rank factor 1/8 on the targets and the (tied)
-  output layer in row mode, non-targets frozen; ``losia (non_target=train)``
-  is built for its optimizer state only;
+- ``losia`` / ``losia-pro``: rank factor 1/8 on the targets, non-targets
+  frozen; ``losia (non_target=train)`` is built for its optimizer state only.
+  On the SmolLM2 shape the output layer is not a target (the library default,
+  ``output_rank_factor=0``), so it is frozen as under LoRA; ``losia-pro (+ output
+  rows 1/8)`` adds it in row mode. The single 7B-shaped layer is timed as one
+  of many: a one-layer model in the async schedule would otherwise profile in
+  every step, so the small output layer (1/8 of 1024 rows) is a target and owns
+  the timed slot, as another layer does in 31 of 32 slots of a 32-layer model;
+  ``losia-pro (layer profiling)`` times the steps of the layer's own slot;
 - ``galore`` (JAX only): ``optax.contrib.galore`` rank 128 on the target kernels.
 
 Every method runs without gradient clipping (``max_grad_norm=0``: the methods
@@ -52,7 +58,7 @@ from losia_common.subnet import block_size  # noqa: E402
 
 RESULTS_MD = os.path.join(HERE, "RESULTS.md")
 RESULTS_JSON = os.path.join(HERE, "results.json")
-LOSIA_FACTOR = 0.125  # rank_factor and output_rank_factor of every LoSiA row
+LOSIA_FACTOR = 0.125  # rank_factor of every LoSiA row (and output_rank_factor where used)
 GALORE_RANK = 128
 TARGETS = (  # (key, text, threshold)
     ("pro_vs_full", "LoSiA-Pro step / full step", 0.75),
@@ -73,12 +79,13 @@ def workloads(args) -> list[dict]:
              config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
                          tie_word_embeddings=True, max_position_embeddings=256),
-             seq=args.seq or 16, batch=args.batch or 1, resident=True),
+             seq=args.seq or 16, batch=args.batch or 1, resident=True, losia_output=0.0),
         dict(name="llama2-7b-layer", label="LLaMA-2-7B layer shape, tiny test variant",
              config=dict(hidden_size=64, intermediate_size=176, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=4, vocab_size=128,
                          tie_word_embeddings=False, max_position_embeddings=256),
-             seq=args.seq or 16, batch=args.batch7b or 1, resident=False)]
+             seq=args.seq or 16, batch=args.batch7b or 1, resident=False,
+             losia_output=LOSIA_FACTOR)]
   return [
       dict(name="smollm2-135m",
            label=f"SmolLM2-135M shape ({args.layers} layers, hidden 576, GQA 9/3, "
@@ -87,7 +94,7 @@ def workloads(args) -> list[dict]:
                        num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
                        tie_word_embeddings=True, max_position_embeddings=8192,
                        rope_theta=100000.0, rms_norm_eps=1e-5),
-           seq=args.seq or 256, batch=args.batch or 4, resident=True),
+           seq=args.seq or 256, batch=args.batch or 4, resident=True, losia_output=0.0),
       # One decoder layer with a small vocabulary, so the layer's matrices dominate;
       # rebuilt per round (compiles in seconds) so eight copies never share the RAM.
       dict(name="llama2-7b-layer",
@@ -97,7 +104,8 @@ def workloads(args) -> list[dict]:
                        num_attention_heads=32, num_key_value_heads=32, vocab_size=1024,
                        tie_word_embeddings=False, max_position_embeddings=4096,
                        rope_theta=10000.0, rms_norm_eps=1e-5),
-           seq=args.seq7b or args.seq or 256, batch=args.batch7b or 1, resident=False)]
+           seq=args.seq7b or args.seq or 256, batch=args.batch7b or 1, resident=False,
+           losia_output=LOSIA_FACTOR)]
 
 
 def target_shapes(c: dict) -> list[tuple[int, int]]:
@@ -108,35 +116,43 @@ def target_shapes(c: dict) -> list[tuple[int, int]]:
   return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
 
 
-def losia_block_params(c: dict) -> int:
+def losia_block_params(c: dict, output_factor: float) -> int:
   """LoSiA's trainable block parameters: a k_in x k_out block per target, and
-  1/8 of the output layer's rows (row mode)."""
+  ``output_factor`` of the output layer's rows (row mode) when it is > 0."""
   per_layer = sum(block_size(LOSIA_FACTOR, di) * block_size(LOSIA_FACTOR, do)
                   for di, do in target_shapes(c))
-  out = block_size(LOSIA_FACTOR, c["vocab_size"]) * c["hidden_size"]
+  out = block_size(output_factor, c["vocab_size"]) * c["hidden_size"] if output_factor else 0
   return c["num_hidden_layers"] * per_layer + out
 
 
-def matched_lora_rank(c: dict) -> int:
+def matched_lora_rank(c: dict, output_factor: float) -> int:
   """The LoRA rank whose parameter count r * sum(d_in + d_out) is nearest LoSiA's."""
   per_rank = c["num_hidden_layers"] * sum(di + do for di, do in target_shapes(c))
-  return max(1, int(round(losia_block_params(c) / per_rank)))
+  return max(1, int(round(losia_block_params(c, output_factor) / per_rank)))
 
 
-def method_specs(c: dict) -> list[dict]:
+def method_specs(w: dict) -> list[dict]:
   """The rows of one workload. ``backends`` None: both."""
-  r = matched_lora_rank(c)
+  c, out = w["config"], w["losia_output"]
+  r = matched_lora_rank(c, out)
   specs = [dict(name="full", method="full", backends=None)]
   specs.append(dict(name=f"lora r={r} (matched)", method="lora", lora_rank=r, backends=None,
                     matched=True))
   specs += [dict(name=f"lora r={k}", method="lora", lora_rank=k, backends=None)
             for k in (8, 16) if k != r]
-  specs += [dict(name="losia", method="losia", non_target="freeze", backends=None),
-            dict(name="losia-pro", method="losia-pro", non_target="freeze", backends=None),
-            dict(name=f"galore r={GALORE_RANK}", method="galore", galore_rank=GALORE_RANK,
+  losia = dict(non_target="freeze", output_rank_factor=out, backends=None)
+  specs += [dict(name="losia", method="losia", **losia),
+            dict(name="losia-pro", method="losia-pro", **losia)]
+  if out:  # the timed slot is the output layer's; this row times the layer's own slot
+    specs.append(dict(name="losia-pro (layer profiling)", method="losia-pro",
+                      **{**losia, "output_rank_factor": 0.0}))
+  else:
+    specs.append(dict(name="losia-pro (+ output rows 1/8)", method="losia-pro",
+                      **{**losia, "output_rank_factor": LOSIA_FACTOR}))
+  specs += [dict(name=f"galore r={GALORE_RANK}", method="galore", galore_rank=GALORE_RANK,
                  backends=["jax"]),
-            dict(name="losia (non_target=train)", method="losia", non_target="train",
-                 backends=None, state_only=True)]
+            dict(name="losia (non_target=train)", method="losia",
+                 **{**losia, "non_target": "train"}, state_only=True)]
   return specs
 
 
@@ -318,17 +334,20 @@ def findings(results: dict, ws: Optional[list[dict]] = None) -> list[str]:
     if w is not None:
       c = w["config"]
       head = 2 * w["batch"] * w["seq"] * c["vocab_size"] * c["hidden_size"] / 1e9
-      s += (f" The output layer's weight gradient alone (2 x tokens x vocab x hidden = "
-            f"{head:,.1f} GFLOP) is computed by full, LoSiA and LoSiA-Pro (row mode keeps the "
-            "full output-layer gradient) and not by LoRA, whose output layer is frozen.")
-    if w is not None and "gflops" in pro:
-      c = w["config"]
+      if w.get("losia_output"):
+        s += (f" The output layer is a LoSiA target (row mode) here: full, LoSiA and LoSiA-Pro "
+              f"compute its full weight gradient ({head:,.1f} GFLOP), LoRA does not (frozen).")
+      else:
+        s += (f" The output layer's weight gradient (2 x tokens x vocab x hidden = {head:,.1f} "
+              "GFLOP) is computed by full fine-tuning and GaLore only: LoRA, LoSiA and "
+              "LoSiA-Pro leave the output layer frozen (not a target, non-targets frozen); "
+              "the '+ output rows' row shows what training its rows costs.")
       layer = sum(di * do for di, do in target_shapes(c))
       prof = 2 * w["batch"] * w["seq"] * layer / 1e9
-      s += (f" JAX LoSiA-Pro also computes, every step, one full weight gradient per role (the "
-            f"profiling layer's, shapes being static): 2 x tokens x {layer:,} entries = "
-            f"{prof:,.1f} GFLOP, i.e. the full weight gradient of 1 of the model's "
-            f"{c['num_hidden_layers']} decoder layer(s).")
+      s += (f" In every step of a decoder layer's profiling slot, LoSiA-Pro computes that "
+            f"layer's full weight gradients (2 x tokens x {layer:,} entries = {prof:,.1f} "
+            f"GFLOP), i.e. a full backward for 1 of the model's {c['num_hidden_layers']} "
+            "decoder layer(s).")
     if los.get("importance_bytes") and full.get("opt_state_bytes"):
       s += (f" LoSiA's optimizer state is {_mib(los['opt_state_bytes'])} MiB against AdamW's "
             f"{_mib(full['opt_state_bytes'])} MiB; {_mib(los['importance_bytes'])} MiB of it are "
@@ -389,9 +408,13 @@ def markdown(doc: dict) -> str:
       "reported apart); figures are the median, min and max of those steps",
       "- settings: fp32, AdamW (betas 0.9/0.999) everywhere, constant LR, weight decay 0, "
       "**no gradient clipping** (`max_grad_norm=0`: each method would clip a different "
-      "gradient set); LoSiA rank factor 0.125, output rank factor 0.125 (output layer in row "
-      f"mode), period {a['period']} (no relocalization in the timed steps), async schedule, "
-      "non-targets frozen; LoRA alpha 16 on the same target projections; GaLore "
+      "gradient set); LoSiA rank factor 0.125, period "
+      f"{a['period']} (no relocalization in the timed steps), async schedule, non-targets "
+      "frozen; output layer: SmolLM2 shape not a target (frozen, as under LoRA; the "
+      "'+ output rows 1/8' row trains 1/8 of its rows), 7B layer: a target in row mode with "
+      "1/8 of its 1024 rows, so that the timed steps are in its slot and the decoder layer "
+      "does not profile, as in 31 of 32 slots of a 32-layer model ('layer profiling' times "
+      "the layer's own slot); LoRA alpha 16 on the same target projections; GaLore "
       f"(`optax.contrib.galore`) rank {GALORE_RANK}, projector update every 200 steps (its SVD "
       "runs in the first, untimed step: see 'first step'), target kernels only, Adam on the "
       "rest",
@@ -475,7 +498,7 @@ def main(argv=None) -> dict:
       doc = json.load(f)
     for key, res in doc["results"].items():
       w = next(x for x in doc["workloads"] if x["name"] == key.split("/")[1])
-      derive(res, method_specs(w["config"]), doc["args"]["rounds"])
+      derive(res, method_specs(w), doc["args"]["rounds"])
     with open(RESULTS_MD, "w", encoding="utf-8") as f:
       f.write(markdown(doc))
     return doc
@@ -489,7 +512,7 @@ def main(argv=None) -> dict:
   with tempfile.TemporaryDirectory() as tmp:
     model_root = args.model_dir or tmp
     for w in ws:
-      specs = method_specs(w["config"])
+      specs = method_specs(w)
       job = {"workload": w["name"], "model_dir": write_model(w, model_root), "seq": w["seq"],
              "batch": w["batch"], "vocab": w["config"]["vocab_size"], "methods": specs,
              "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup,
@@ -498,7 +521,7 @@ def main(argv=None) -> dict:
       for backend in backends:
         print(f"== {backend} / {w['name']} ({w['batch']} x {w['seq']})", flush=True)
         res = (run_jax if backend == "jax" else run_torch)(job, args.isolation, tmp)
-        res["losia_block_params"] = losia_block_params(w["config"])
+        res["losia_block_params"] = losia_block_params(w["config"], w["losia_output"])
         derive(res, specs, args.rounds)
         platforms.add(f"{backend}: {res.get('platform')}")
         doc["results"][f"{backend}/{w['name']}"] = res

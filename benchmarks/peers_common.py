@@ -13,8 +13,8 @@ from losia_common import LoSiAConfig
 
 def settings_for(spec: dict, job: dict) -> TrainSettings:
   """The backend settings of one method row (``spec`` from ``peers.method_specs``)."""
-  cfg = LoSiAConfig(rank_factor=0.125, output_rank_factor=0.125, period=job["period"],
-                    non_target=spec.get("non_target", "freeze"))
+  cfg = LoSiAConfig(rank_factor=0.125, output_rank_factor=spec.get("output_rank_factor", 0.0),
+                    period=job["period"], non_target=spec.get("non_target", "freeze"))
   return TrainSettings(
       method=spec["method"], losia=cfg, lr=1e-4, lr_schedule="constant", warmup_steps=0,
       total_steps=10_000, weight_decay=0.0, max_grad_norm=0.0,

@@ -229,12 +229,24 @@ def value_and_grad(loss_fn: Callable[..., Any], tx: LoSiATransformation, *,
     (loss, (aux, xprof)), (g_blocks, g_probes, g_dense) = jax.value_and_grad(
         lambda bv, pv, dv: forward(bv, pv, dv, None), argnums=(0, 1, 2), has_aux=True)(
             blocks_in, probes, dense_in)
+    # In the output layer's slot (id 0, when it is a target) no decoder matrix
+    # profiles: skip the full-gradient matmuls instead of multiplying zeros (with
+    # few layers, e.g. one large layer, they would cost a full backward).
+    decoder_slot = (owner != 0) if any(b.first.row_mode for b in plan.buckets) else None
+
+    def full_gradient(x, dy):
+      # the full [d_in, d_out] gradient of the profiling layer's matrix of this role
+      return (x.reshape(-1, x.shape[-1]).astype(jnp.float32).T
+              @ dy.reshape(-1, dy.shape[-1]).astype(jnp.float32))
+
     profile = {}
     for role, dy in g_probes.items():
       x = xprof[role]
-      # the full [d_in, d_out] gradient of the profiling layer's matrix of this role
-      profile[role] = (x.reshape(-1, x.shape[-1]).astype(jnp.float32).T
-                       @ dy.reshape(-1, dy.shape[-1]).astype(jnp.float32))
+      if decoder_slot is None:
+        profile[role] = full_gradient(x, dy)
+      else:
+        zeros = lambda x, dy: jnp.zeros((x.shape[-1], dy.shape[-1]), jnp.float32)
+        profile[role] = jax.lax.cond(decoder_slot, full_gradient, zeros, x, dy)
     grads = ProGradients(g_blocks, profile, g_dense)
     return ((loss, aux) if has_aux else loss), grads
 

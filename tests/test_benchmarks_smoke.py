@@ -42,7 +42,10 @@ def test_peers_tiny_run_reports_every_method(tmp_path):
   assert doc["partial"] is None
   peers = _peers_module()
   (w,) = doc["workloads"]
-  specs = peers.method_specs(w["config"])
+  specs = peers.method_specs(w)
+  by_name = {s["name"]: s for s in specs}
+  # the default rows leave the output layer out; one Pro row adds it in row mode
+  assert {s.get("output_rank_factor") for s in specs if s["method"] == "losia-pro"} == {0.0, 0.125}
   assert set(doc["results"]) == {"jax/smollm2-135m", "torch/smollm2-135m"}
   for key, res in doc["results"].items():
     backend = key.split("/")[0]
@@ -52,7 +55,10 @@ def test_peers_tiny_run_reports_every_method(tmp_path):
     for name, row in res["rows"].items():
       assert row["trainable_params"] > 0 and row["opt_state_bytes"] >= 0, (key, name)
       if name.startswith("losia"):
-        assert row["plan_block_params"] == res["losia_block_params"], (key, name)
+        assert row["plan_block_params"] == peers.losia_block_params(
+            w["config"], by_name[name]["output_rank_factor"]), (key, name)
+        if name in ("losia", "losia-pro"):
+          assert row["plan_block_params"] == res["losia_block_params"], (key, name)
       if name == "losia (non_target=train)":
         continue  # built for its optimizer state only
       assert len(row["times_s"]) == 2, (key, name)
