@@ -16,7 +16,8 @@ logger = logging.getLogger("losia_torch")
 def get_losia_optimizer(model: torch.nn.Module, config: Optional[LoSiAConfig] = None, *,
                         lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.999),
                         eps: float = 1e-8, weight_decay: float = 0.0, pro: bool = False,
-                        output_module: str = "lm_head", verbose: bool = True) -> LoSiAOptimizer:
+                        output_module: str = "lm_head", verbose: bool = True,
+                        freeze_non_targets: Optional[bool] = None) -> LoSiAOptimizer:
   """Builds a :class:`LoSiAOptimizer` for ``model`` and reports what it selected.
 
   Finds the targets by the config's ``target_modules`` (by default the q, k, v, o,
@@ -33,6 +34,12 @@ def get_losia_optimizer(model: torch.nn.Module, config: Optional[LoSiAConfig] = 
       ``get_output_embeddings()``.
     verbose: print the report (it is also logged at INFO level and kept in
       ``optimizer.report``).
+    freeze_non_targets: set ``requires_grad=False`` on every non-target parameter, so
+      that autograd does not compute gradients the optimizer would discard (with tied
+      embeddings, the output layer's full weight gradient: 2 x tokens x vocab x hidden
+      FLOPs per step), as PEFT freezes its base model. Default (None): True exactly
+      when ``config.non_target == "freeze"``; True with ``non_target="train"`` is an
+      error (those parameters need their gradients).
 
   Returns:
     The optimizer; ``optimizer.plan`` lists the targets, ``optimizer.report``
@@ -42,7 +49,21 @@ def get_losia_optimizer(model: torch.nn.Module, config: Optional[LoSiAConfig] = 
     raise TypeError(f"get_losia_optimizer needs an nn.Module; got {type(model).__name__}")
   opt = LoSiAOptimizer(model, config, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                        output_module=output_module)
+  non_target = opt.config.non_target
+  if freeze_non_targets is None:
+    freeze_non_targets = non_target == "freeze"
+  elif not isinstance(freeze_non_targets, bool):
+    raise TypeError(f"freeze_non_targets must be True, False or None; got {freeze_non_targets!r}")
+  if freeze_non_targets and non_target != "freeze":
+    raise ValueError('freeze_non_targets=True needs config.non_target="freeze"; got '
+                     f"non_target={non_target!r} (the non-targets are trained)")
   report = opt.summary()
+  if freeze_non_targets:
+    frozen = [p for _, p in opt.plan.non_targets if p.requires_grad]
+    for p in frozen:
+      p.requires_grad_(False)
+    report += (f"\n  requires_grad=False on {len(frozen)} non-target tensors "
+               "(no gradients computed for them)")
   if pro:
     names = opt.enable_pro(model)
     report += f"\n  LoSiA-Pro: {len(names)} of {len(opt.plan.targets)} targets use the compact backward"

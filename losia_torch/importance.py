@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import torch
 
@@ -14,9 +15,24 @@ def instant_importance(kind: str, w: torch.Tensor, g: torch.Tensor) -> torch.Ten
 
   ``param_mix``: ``|P - P²/2|``; ``param_first``: ``|P|``; ``param_second``: ``P²``.
   """
+  return _instant_importance(kind, w, g, None)
+
+
+def _instant_importance(kind: str, w: torch.Tensor, g: torch.Tensor,
+                        scratch: Optional[torch.Tensor]) -> torch.Tensor:
+  """:func:`instant_importance` with ``scratch`` (fp32, ``w``'s shape, or None) as the
+  temporary of ``param_mix``.
+
+  Why: on CPU every fresh matrix-sized tensor comes from a new ``mmap`` and pays a
+  page fault per 4 KiB on first touch, which costs several times the arithmetic
+  (measured: a 4096 x 4096 ``mul`` into a new tensor 78 ms, in place 4 ms). The
+  operations and their order are those of the plain formula, so results are bitwise
+  the same.
+  """
   p = w.to(torch.float32) * g.to(torch.float32)
   if kind == "param_mix":  # |P - (0.5 P) P|, in place on the temporary P
-    return p.sub_(p * 0.5 * p).abs_()
+    q = torch.mul(p, 0.5, out=scratch) if scratch is not None else p.mul(0.5)
+    return p.sub_(q.mul_(p)).abs_()
   if kind == "param_first":
     return p.abs_()
   if kind == "param_second":
@@ -60,8 +76,10 @@ def update_importance(ibar: torch.Tensor, ubar: torch.Tensor, w: torch.Tensor, g
 
   The new ``Ī`` is used in the uncertainty term (LOSIA_SPEC.md section 3).
   """
-  i = instant_importance(kind, w, g)
-  ibar.mul_(beta1).add_(i * (1.0 - beta1))
+  # Two matrix-sized temporaries (``I`` and one scratch) instead of one per operation.
+  scratch = torch.empty(ibar.shape, dtype=torch.float32, device=ibar.device)
+  i = _instant_importance(kind, w, g, scratch)
+  ibar.mul_(beta1).add_(torch.mul(i, 1.0 - beta1, out=scratch))
   ubar.mul_(beta2).add_(i.sub_(ibar).abs_().mul_(1.0 - beta2))
 
 

@@ -63,3 +63,52 @@ def test_pro_flag_and_quiet(capsys):
   assert "LoSiA-Pro: 14 of 14 targets" in opt.report
   with pytest.raises(TypeError, match="nn.Module"):
     losia_torch.get_losia_optimizer([("a", torch.zeros(1))])
+
+
+@pytest.mark.parametrize("pro,output", [(False, 0.0), (True, 0.0), (True, 0.25)])
+def test_freeze_mode_skips_non_target_gradients_and_trains_identically(pro, output):
+  """non_target="freeze": the helper sets requires_grad=False on the non-targets, so
+  autograd computes no gradient for them (e.g. the tied embedding's, when the output
+  layer is not a target); the trajectory equals that of the optimizer alone, which
+  discards those gradients."""
+  cfg = LoSiAConfig(rank_factor=0.25, output_rank_factor=output, period=2, non_target="freeze")
+  ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+  runs = []
+  for helper in (True, False):
+    model = _model("llama", True)
+    if helper:
+      opt = losia_torch.get_losia_optimizer(model, cfg, lr=1e-2, pro=pro, verbose=False)
+      assert "requires_grad=False on" in opt.report
+    else:
+      opt = losia_torch.LoSiAOptimizer(model, cfg, lr=1e-2)
+      if pro:
+        opt.enable_pro(model)
+    emb = model.get_input_embeddings().weight
+    assert emb.requires_grad == (not helper or output > 0)
+    frozen = {n for n, _ in opt.plan.non_targets}
+    for _ in range(7):  # across relocalizations (total = 3 or 4 slots, period 2)
+      model(input_ids=ids, labels=ids).loss.backward()
+      grads = {n for n, p in model.named_parameters() if p.grad is not None}
+      if helper:
+        assert not grads & frozen
+      opt.step()
+      opt.zero_grad()
+    runs.append({n: p.detach().clone() for n, p in model.named_parameters()})
+  for n, w in runs[0].items():
+    torch.testing.assert_close(w, runs[1][n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_freeze_non_targets_argument_is_checked():
+  with pytest.raises(ValueError, match='freeze_non_targets=True needs config.non_target="freeze"'):
+    losia_torch.get_losia_optimizer(_model("llama", False), LoSiAConfig(non_target="train"),
+                                    freeze_non_targets=True, verbose=False)
+  with pytest.raises(TypeError, match="freeze_non_targets must be"):
+    losia_torch.get_losia_optimizer(_model("llama", False), LoSiAConfig(non_target="freeze"),
+                                    freeze_non_targets="yes", verbose=False)
+  model = _model("llama", False)
+  opt = losia_torch.get_losia_optimizer(model, LoSiAConfig(non_target="freeze"),
+                                        freeze_non_targets=False, verbose=False)
+  assert all(p.requires_grad for p in model.parameters()) and "requires_grad" not in opt.report
+  model = _model("llama", False)
+  losia_torch.get_losia_optimizer(model, LoSiAConfig(non_target="train"), verbose=False)
+  assert all(p.requires_grad for p in model.parameters())
