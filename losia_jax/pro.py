@@ -23,7 +23,7 @@ residual, one activation-sized buffer per role), and the full gradient is the
 one extra matmul ``xᵀ · dy``, the matmul non-Pro LoSiA does for every target.
 
 Use :func:`value_and_grad` in place of ``jax.value_and_grad``; it returns
-:class:`~losia_jax.transform.ProGradients`, which ``tx.apply_gradients`` and
+:class:`~losia_jax.gradients.ProGradients`, which ``tx.apply_gradients`` and
 ``tx.update`` accept. The model must route its target projections through the
 ``linear`` hook it is given (``losia_jax.models.LlamaForCausalLM`` does).
 

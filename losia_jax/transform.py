@@ -33,8 +33,9 @@ import optax
 from losia_common import LoSiAConfig
 from losia_common.subnet import initial_indices
 from losia_jax import blocks
-from losia_jax.importance import (ImportanceState, importance_score, update_importance,
-                                  zeros_importance)
+from losia_jax.gradients import ProGradients, _DenseGrads, _ProGrads
+from losia_jax.importance import (ImportanceState, importance_score, instant_importance,
+                                  update_importance, zeros_importance)
 from losia_jax.schedule import ends_slot, rewarm_factor, slot_owner
 from losia_jax.selection import select_rows, select_subnet
 from losia_jax.targets import Bucket, DimensionNumbersArg, LoSiAPlan, TargetSpec, make_plan
@@ -85,83 +86,6 @@ class LoSiAState(NamedTuple):
   notfinite_count: jax.Array
 
 
-class ProGradients(NamedTuple):
-  """Gradients in LoSiA-Pro form: compact blocks instead of full target gradients.
-
-  Made by :func:`losia_jax.pro.value_and_grad`; ``apply_gradients`` and
-  ``update`` accept it in place of a parameter-shaped gradient tree.
-
-  Attributes:
-    blocks: ``{role: [N, *block_shape]}`` gradient of every core block of the
-      role's (non-row-mode) targets, in bucket order and stored layout.
-    profile: ``{role: slice_shape}`` full gradient of the matrix of that role
-      in the layer whose profiling slot holds this step (async schedule);
-      zeros when that layer has no matrix of the role.
-    dense: ``{key: gradient}`` full gradients of the output layer (row mode)
-      and, with ``non_target="train"``, of every non-target leaf; keys are the
-      plan's dotted parameter paths.
-  """
-
-  blocks: dict[str, jax.Array]
-  profile: dict[str, jax.Array]
-  dense: dict[str, jax.Array]
-
-
-class _DenseGrads:
-  """Reads of a parameter-shaped gradient tree. ``ops`` travel through conditionals."""
-
-  def __init__(self, grads, plan: LoSiAPlan):
-    self.ops = jax.tree_util.tree_leaves(grads)
-    if len(self.ops) != len(plan.keys):
-      raise ValueError(f"grads have {len(self.ops)} leaves but params {len(plan.keys)}")
-
-  def block(self, b: Bucket, gather):
-    return gather(self.ops, b)
-
-  @staticmethod
-  def layer(ops, b: Bucket, j: int, l: int):
-    t = b.members[j]
-    return blocks.layer_slice(ops[t.leaf_index], t, l)
-
-  def leaf(self, key: str, index: int):
-    return self.ops[index]
-
-
-class _ProGrads:
-  """Reads of :class:`ProGradients`: compact blocks, the profiling layer's full
-  gradients and the dense leaves."""
-
-  def __init__(self, grads: ProGradients, plan: LoSiAPlan, train_non_targets: bool):
-    want_blocks = {b.role for b in plan.buckets if not b.first.row_mode}
-    want_dense = {b.first.key for b in plan.buckets if b.first.row_mode}
-    if train_non_targets:
-      want_dense |= {k for k, _ in plan.non_targets}
-    for field, got, want in (("blocks", set(grads.blocks), want_blocks),
-                             ("profile", set(grads.profile), want_blocks),
-                             ("dense", set(grads.dense), want_dense)):
-      if got != want:
-        raise ValueError(f"ProGradients.{field} has keys {sorted(got)}; this plan needs "
-                         f"{sorted(want)}")
-    self.grads = grads
-    self.ops = (grads.profile, grads.dense)
-
-  def block(self, b: Bucket, gather):
-    if b.first.row_mode:  # the output layer keeps its full gradient
-      return gather({t.leaf_index: self.grads.dense[t.key] for t in b.members}, b)
-    return self.grads.blocks[b.role]
-
-  @staticmethod
-  def layer(ops, b: Bucket, j: int, l: int):
-    profile, dense = ops
-    t = b.members[j]
-    if t.row_mode:
-      return dense[t.key]
-    return profile[b.role]
-
-  def leaf(self, key: str, index: int):
-    return self.grads.dense[key]
-
-
 class LoSiATransformation(optax.GradientTransformationExtraArgs):
   """An Optax transformation with LoSiA's fused path.
 
@@ -191,6 +115,11 @@ def _make(init, update, apply_gradients, plan, losia_index=-1, inner=None,
 
 def _where(pred, new, old):
   return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
+
+
+def _product(w: jax.Array, g: jax.Array) -> jax.Array:
+  """``W ⊙ G`` in fp32, the ``P`` of the importance (LOSIA_SPEC.md section 3)."""
+  return w.astype(jnp.float32) * g.astype(jnp.float32)
 
 
 def _all_finite(arrays) -> jax.Array:
@@ -359,11 +288,11 @@ def scale_by_losia(
     return layer_switch(plan, owner + 1, branch, lambda w, g: (dict(shapes), jnp.array(True)),
                         w_leaves, gv.ops)
 
-  def profile(plan: LoSiAPlan, state: LoSiAState, w_layer, w_leaf, gv, owner, finite):
+  def profile(plan: LoSiAPlan, state: LoSiAState, prod_layer, w_leaf, gv, owner, finite):
     """Accumulates the importance of the profiling layer(s).
 
-    ``w_layer(b, j, l, pos)`` / ``w_leaf(b, j)`` give member weights as they
-    were *before* this step's update.
+    ``prod_layer(b, j, l, pos, g)`` gives ``W ⊙ g`` (fp32) and ``w_leaf(b, j)`` the
+    member weights, with the weights as they were *before* this step's update.
     """
     importance = dict(state.importance)
     # A window starts from empty statistics: at its first step the buffer's old
@@ -374,14 +303,34 @@ def scale_by_losia(
         jax.tree.map(lambda x: jnp.where(fresh_window, 0.0, x), slot), w, g,
         cfg.importance, cfg.importance_beta1, cfg.importance_beta2)
     if is_async:
-      def branch(lid, imp, g_ops):
-        imp = dict(imp)
-        for b, j, l, p in at_layer(plan, lid):
-          imp[b.role] = upd(imp[b.role], w_layer(b, j, l, p), gv.layer(g_ops, b, j, l))
-        return imp
+      # Only the products W ⊙ G of the owner's matrices cross the layer switch; the
+      # buffers are updated outside it, elementwise and masked by whether the owner
+      # holds a matrix of the role. XLA copies any buffer passed through a
+      # conditional (in the branch and again into the donated output): with one
+      # LLaMA-7B layer's buffers that was 4 x 1.6 GB of copies per step.
+      zero = {b.role: jnp.zeros(importance[b.role].ibar.shape, jnp.float32)
+              for b in plan.buckets}
 
-      return layer_switch(plan, jnp.where(finite, owner + 1, 0), branch, lambda imp, g: dict(imp),
-                          importance, gv.ops)
+      def branch(lid, g_ops):
+        prods = dict(zero)
+        for b, j, l, p in at_layer(plan, lid):
+          prods[b.role] = prod_layer(b, j, l, p, gv.layer(g_ops, b, j, l))
+        return prods
+
+      prods = layer_switch(plan, jnp.where(finite, owner + 1, 0), branch,
+                           lambda g: dict(zero), gv.ops)
+      b1, b2 = cfg.importance_beta1, cfg.importance_beta2
+      for b in plan.buckets:
+        active = finite & (owner_of(b, plan, owner)[0] > 0)
+        old = jax.tree.map(lambda x: jnp.where(fresh_window, 0.0, x), importance[b.role])
+        i = instant_importance(cfg.importance, prods[b.role], jnp.ones((), jnp.float32))
+        # update_importance's formulas, with Ū reading the *stored* Ī: recomputing
+        # the new Ī inside Ū's update would make XLA keep a copy of the old one.
+        ibar = jnp.where(active, b1 * old.ibar + (1.0 - b1) * i, importance[b.role].ibar)
+        ubar = jnp.where(active, b2 * old.ubar + (1.0 - b2) * jnp.abs(i - ibar),
+                         importance[b.role].ubar)
+        importance[b.role] = ImportanceState(ibar, ubar)
+      return importance
     g_leaves = gv.ops
 
     def run(imp, g_leaves):  # sync: every target profiles, in one conditional
@@ -534,10 +483,10 @@ def scale_by_losia(
                 wblk=wblk, wown=wown, deltas=deltas, targets=targets, nt_updates=nt_updates,
                 non_target=non_target)
 
-  def finish(c, w_layer, w_leaf) -> LoSiAState:
+  def finish(c, prod_layer, w_leaf) -> LoSiAState:
     """Profiling and relocalization, after the blocks were updated."""
     plan, state, s, owner, finite = c["plan"], c["state"], c["s"], c["owner"], c["finite"]
-    importance = profile(plan, state, w_layer, w_leaf, c["gv"], owner, finite)
+    importance = profile(plan, state, prod_layer, w_leaf, c["gv"], owner, finite)
     targets = relocalize(plan, c["targets"], importance, owner, finite & ends_slot(s, T), s)
     fin = finite.astype(jnp.int32)
     return LoSiAState(s + fin, targets, importance, c["non_target"],
@@ -558,7 +507,8 @@ def scale_by_losia(
     c = prepare(updates, state, params, fused=False)
     w_leaves = jax.tree_util.tree_leaves(params)
     new_state = finish(
-        c, lambda b, j, l, p: blocks.layer_slice(w_leaves[b.members[j].leaf_index], b.members[j], l),
+        c, lambda b, j, l, p, g: _product(
+            blocks.layer_slice(w_leaves[b.members[j].leaf_index], b.members[j], l), g),
         lambda b, j: w_leaves[b.members[j].leaf_index])
     # updates take the structure of the gradients (of the params for Pro gradients)
     treedef = jax.tree_util.tree_structure(params if isinstance(updates, ProGradients)
@@ -578,18 +528,20 @@ def scale_by_losia(
 
     # Profiling reads the *updated* weights with the old block values put back:
     # bit-exact "weights before the step", while reading them before the
-    # in-place scatter would make XLA copy every target weight.
-    def w_layer(b, j, l, p):
+    # in-place scatter would make XLA copy every target weight. The old block goes
+    # into the product W ⊙ G (a fresh temporary), not into a copy of the weight.
+    def prod_layer(b, j, l, p, g):
       t, ts = b.members[j], state.targets[b.role]
-      return blocks.set_layer_block(blocks.layer_slice(out[t.leaf_index], t, l), t,
-                                    ts.rows[p], ts.cols[p], c["wown"][b.role])
+      prod = _product(blocks.layer_slice(out[t.leaf_index], t, l), g)
+      old = _product(c["wown"][b.role], blocks.get_layer_block(g, t, ts.rows[p], ts.cols[p]))
+      return blocks.set_layer_block(prod, t, ts.rows[p], ts.cols[p], old)
 
     def w_leaf(b, j):
       t, ts = b.members[j], state.targets[b.role]
       return blocks.set_block(out[t.leaf_index], t, span(ts.rows, b, j), span(ts.cols, b, j),
                               span(c["wblk"][b.role], b, j))
 
-    new_state = finish(c, w_layer, w_leaf)
+    new_state = finish(c, prod_layer, w_leaf)
     return jax.tree_util.tree_unflatten(treedef, out), new_state
 
   return _make(init_fn, update_fn, apply_fn, plan_of, inner=base, config=cfg)
