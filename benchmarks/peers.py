@@ -369,6 +369,17 @@ def findings(results: dict, ws: Optional[list[dict]] = None) -> list[str]:
         s += (f" JAX keeps these buffers in its (static-shape) state in every slot, torch "
               f"only in the layer's own slot: LoSiA-Pro's peak without them would be "
               f"{(pro['peak_bytes'] - imp) / lo['peak_bytes']:.3f} of {res['matched_lora']}'s.")
+      if "temp_bytes" in pro:
+        entries = sum(di * do for di, do in target_shapes(w["config"]))
+        s += (f" One compiled JAX step serves every slot, so its temporaries "
+              f"({_mib(pro['temp_bytes'])} MiB) hold what the decoder layer's slot needs: the "
+              f"layer's full weight gradients and their products with the weights (2 x 4 bytes "
+              f"x {entries:,} entries = {_mib(8 * entries)} MiB). In the output layer's slot "
+              "the step still writes these as zeros and passes once over the layer's buffers "
+              "(a masked update: read two buffers and the products, write two buffers), about "
+              f"7 x 4 bytes x {entries:,} = {28 * entries / 1e9:,.1f} GB of memory traffic per "
+              "step; in a model of n such layers that stays one layer's worth while the "
+              "matmuls grow n-fold.")
     if "temp_bytes" in pro and "temp_bytes" in lo:
       s += (f" XLA memory, LoSiA-Pro against {res['matched_lora']}: arguments "
             f"{_mib(pro['argument_bytes'])} vs {_mib(lo['argument_bytes'])} MiB (params + "
