@@ -5,7 +5,7 @@ Public API:
   (with a fused in-place ``apply_gradients`` path);
 - :class:`LoSiAConfig`: the configuration shared with ``losia_torch``;
 - :func:`select_subnet`, :func:`select_rows`, :func:`update_importance`,
-  :func:`instant_importance`, :func:`slot_owner`, :func:`rewarm_factor`: the
+  :func:`accumulate_importance`, :func:`instant_importance`, :func:`slot_owner`, :func:`rewarm_factor`: the
   pure pieces of the method;
 - :func:`make_plan`, :class:`LoSiADimensionNumbers`: where LoSiA acts;
 - :func:`state_nbytes`, :func:`state_shardings`: memory and placement of the state;
@@ -14,8 +14,8 @@ Public API:
 """
 
 from losia_common import LoSiAConfig, LoSiAConfigError
-from losia_jax.importance import (ImportanceState, importance_score, instant_importance,
-                                  update_importance)
+from losia_jax.importance import (ImportanceState, accumulate_importance, importance_score,
+                                  instant_importance, update_importance)
 from losia_jax.schedule import ends_slot, rewarm_factor, slot_owner
 from losia_jax.selection import select_rows, select_subnet
 from losia_jax.sharding import state_shardings
@@ -39,6 +39,7 @@ __all__ = [
     "LoSiATransformation",
     "TargetSpec",
     "TargetState",
+    "accumulate_importance",
     "chain",
     "ends_slot",
     "find_losia_state",

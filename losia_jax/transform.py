@@ -34,8 +34,8 @@ from losia_common import LoSiAConfig
 from losia_common.subnet import initial_indices
 from losia_jax import blocks
 from losia_jax.gradients import ProGradients, _DenseGrads, _ProGrads
-from losia_jax.importance import (ImportanceState, importance_score, instant_importance,
-                                  update_importance, zeros_importance)
+from losia_jax.importance import (ImportanceState, accumulate_importance, importance_score,
+                                  zeros_importance)
 from losia_jax.schedule import ends_slot, rewarm_factor, slot_owner
 from losia_jax.selection import select_rows, select_subnet
 from losia_jax.targets import Bucket, DimensionNumbersArg, LoSiAPlan, TargetSpec, make_plan
@@ -299,15 +299,15 @@ def scale_by_losia(
     # contents (the previous window's) count as zero, inside the update itself
     # rather than by a separate reset pass.
     fresh_window = (state.count % T) == 0
-    upd = lambda slot, w, g: update_importance(
-        jax.tree.map(lambda x: jnp.where(fresh_window, 0.0, x), slot), w, g,
-        cfg.importance, cfg.importance_beta1, cfg.importance_beta2)
+    b1, b2 = cfg.importance_beta1, cfg.importance_beta2
+    upd = lambda slot, w, g: accumulate_importance(slot, _product(w, g), cfg.importance, b1, b2,
+                                                   fresh=fresh_window)
     if is_async:
       # Only the products W ⊙ G of the owner's matrices cross the layer switch; the
       # buffers are updated outside it, elementwise and masked by whether the owner
       # holds a matrix of the role. XLA copies any buffer passed through a
       # conditional (in the branch and again into the donated output): with one
-      # LLaMA-7B layer's buffers that was 4 x 1.6 GB of copies per step.
+      # LLaMA-7B layer's buffers (1.6 GB) that was two copies of them per step.
       zero = {b.role: jnp.zeros(importance[b.role].ibar.shape, jnp.float32)
               for b in plan.buckets}
 
@@ -319,17 +319,10 @@ def scale_by_losia(
 
       prods = layer_switch(plan, jnp.where(finite, owner + 1, 0), branch,
                            lambda g: dict(zero), gv.ops)
-      b1, b2 = cfg.importance_beta1, cfg.importance_beta2
       for b in plan.buckets:
-        active = finite & (owner_of(b, plan, owner)[0] > 0)
-        old = jax.tree.map(lambda x: jnp.where(fresh_window, 0.0, x), importance[b.role])
-        i = instant_importance(cfg.importance, prods[b.role], jnp.ones((), jnp.float32))
-        # update_importance's formulas, with Ū reading the *stored* Ī: recomputing
-        # the new Ī inside Ū's update would make XLA keep a copy of the old one.
-        ibar = jnp.where(active, b1 * old.ibar + (1.0 - b1) * i, importance[b.role].ibar)
-        ubar = jnp.where(active, b2 * old.ubar + (1.0 - b2) * jnp.abs(i - ibar),
-                         importance[b.role].ubar)
-        importance[b.role] = ImportanceState(ibar, ubar)
+        importance[b.role] = accumulate_importance(
+            importance[b.role], prods[b.role], cfg.importance, b1, b2,
+            active=finite & (owner_of(b, plan, owner)[0] > 0), fresh=fresh_window)
       return importance
     g_leaves = gv.ops
 

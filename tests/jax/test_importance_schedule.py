@@ -26,6 +26,28 @@ def test_importance_ema(kind):
   np.testing.assert_allclose(losia_jax.importance_score(st), ib2 * ub2, rtol=1e-5, atol=1e-8)
 
 
+def test_accumulate_importance_masks_and_resets():
+  """The masked, product-form update: active -> update_importance exactly; inactive ->
+  the state unchanged; fresh -> as if the statistics were zero."""
+  rng = np.random.default_rng(1)
+  w, g = (jnp.asarray(rng.normal(size=(6, 3)), jnp.float32) for _ in range(2))
+  st = losia_jax.ImportanceState(*(jnp.asarray(rng.random((6, 3)), jnp.float32)
+                                   for _ in range(2)))
+  zero = losia_jax.ImportanceState(jnp.zeros((6, 3)), jnp.zeros((6, 3)))
+  p = w * g
+  ref = losia_jax.update_importance(st, w, g, "param_mix", 0.85, 0.7)
+  from_zero = losia_jax.update_importance(zero, w, g, "param_mix", 0.85, 0.7)
+  acc = lambda **kw: losia_jax.accumulate_importance(st, p, "param_mix", 0.85, 0.7, **kw)
+  for got, want in ((acc(), ref), (acc(active=jnp.array(True)), ref),
+                    (acc(active=jnp.array(False)), st),
+                    (acc(active=jnp.array(False), fresh=jnp.array(True)), st),
+                    (acc(active=jnp.array(True), fresh=jnp.array(True)), from_zero),
+                    (acc(fresh=jnp.array(False)), ref)):
+    np.testing.assert_array_equal(got.ibar, want.ibar)
+    np.testing.assert_array_equal(got.ubar, want.ubar)
+  assert float(jnp.abs(ref.ibar - st.ibar).max()) > 0  # the cases differ
+
+
 def test_schedule_matches_reference():
   for s in range(40):
     assert int(losia_jax.slot_owner(jnp.int32(s), 3, 5)) == schedule.owner(s, 3, 5)
