@@ -23,11 +23,14 @@ import torch
 
 from losia_common import LoSiAConfig
 from losia_common.subnet import initial_indices
+from losia_torch import checkpoint as _ckpt
+from losia_torch import pro as _pro
 from losia_torch import schedule as _sched
 from losia_torch.adam import adam_directions, adam_update_large
 from losia_torch.importance import ImportanceSlot
 from losia_torch.selection import select_rows, select_subnet
-from losia_torch.targets import LoSiAPlan, TargetSpec, make_plan, named_parameters_of
+from losia_torch.targets import (LoSiAPlan, TargetSpec, layouts_of, make_plan,
+                                 named_parameters_of)
 
 logger = logging.getLogger("losia_torch")
 
@@ -73,17 +76,6 @@ def _all_finite(tensors: list) -> bool:
                                           for v in vals])).all())
 
 
-def _clone_state_value(v: Any, device: torch.device) -> Any:
-  """Deep copy onto ``device`` keeping dtypes (indices stay int64, moments fp32)."""
-  if isinstance(v, torch.Tensor):
-    return v.detach().to(device=device, copy=True)
-  if isinstance(v, dict):
-    return {k: _clone_state_value(x, device) for k, x in v.items()}
-  if isinstance(v, (list, tuple)):
-    return type(v)(_clone_state_value(x, device) for x in v)
-  return v
-
-
 class LoSiAOptimizer(torch.optim.Optimizer):
   """LoSiA with Adam on each target's core block (decoupled, block-only weight decay).
 
@@ -116,6 +108,11 @@ class LoSiAOptimizer(torch.optim.Optimizer):
     output_module: module name (or regex) of the output layer, used when
       ``config.output_rank_factor > 0`` and ``params`` is not a model with
       ``get_output_embeddings()``.
+    model: the model that ``params`` (pairs or groups) belong to: gives the
+      output layer (``get_output_embeddings()``) and each target's layout (its
+      owning module, see :func:`losia_torch.targets.layouts_of`). Without a
+      model, ``(name, tensor)`` pairs are read in ``nn.Linear``'s
+      ``[d_out, d_in]`` layout.
 
   Attributes:
     config: the configuration.
@@ -126,7 +123,8 @@ class LoSiAOptimizer(torch.optim.Optimizer):
 
   def __init__(self, params: Any, config: Optional[LoSiAConfig] = None, lr: float = 1e-3,
                betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-               weight_decay: float = 0.0, output_module: str = "lm_head"):
+               weight_decay: float = 0.0, output_module: str = "lm_head",
+               model: Optional[torch.nn.Module] = None):
     config = LoSiAConfig() if config is None else config
     if not isinstance(config, LoSiAConfig):
       raise TypeError(f"`config` must be a LoSiAConfig; got {type(config).__name__}")
@@ -147,7 +145,15 @@ class LoSiAOptimizer(torch.optim.Optimizer):
     else:
       named, output_param = named_parameters_of(params)
       groups = [{"params": named}]
-    plan = make_plan(named, config, output_param=output_param, output_module=output_module)
+      if isinstance(params, torch.nn.Module):
+        model = params
+    layouts = None
+    if model is not None:
+      _, model_output = named_parameters_of(model)
+      output_param = output_param if output_param is not None else model_output
+      layouts = layouts_of(model)
+    plan = make_plan(named, config, output_param=output_param, output_module=output_module,
+                     layouts=layouts)
     defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
     super().__init__(groups, defaults)
     for g in self.param_groups:
@@ -229,9 +235,31 @@ class LoSiAOptimizer(torch.optim.Optimizer):
 
   @staticmethod
   def _gather(x: torch.Tensor, t: TargetSpec, st: dict) -> torch.Tensor:
+    """The ``[k_out, k_in]`` block of ``x`` (a weight or its gradient)."""
     if t.row_mode:
       return x.index_select(0, st["rows"])
+    if t.transposed:  # Conv1D: x is [d_in, d_out]
+      return x[st["cols"][:, None], st["rows"][None, :]].t()
     return x[st["rows"][:, None], st["cols"][None, :]]
+
+  @staticmethod
+  def _scatter(w: torch.Tensor, t: TargetSpec, st: dict, blk: torch.Tensor) -> None:
+    """Writes the ``[k_out, k_in]`` block ``blk`` into ``w``."""
+    if t.row_mode:
+      w.index_copy_(0, st["rows"], blk)
+    elif t.transposed:
+      w.index_put_((st["cols"][:, None], st["rows"][None, :]), blk.t())
+    else:
+      w.index_put_((st["rows"][:, None], st["cols"][None, :]), blk)
+
+  def _own_params(self, group: dict):
+    """The group's parameters without LoSiA-Pro's delta leaves (see ``pro.py``)."""
+    deltas = self._delta_ids
+    return [p for p in group["params"] if id(p) not in deltas] if deltas else group["params"]
+
+  @property
+  def _delta_ids(self) -> set:
+    return {id(h.delta) for h in self._pro.values()}
 
   def _block_grad(self, t: TargetSpec, st: dict, profiling: bool) -> Optional[torch.Tensor]:
     handle = self._pro.get(id(t.param))
@@ -242,16 +270,14 @@ class LoSiAOptimizer(torch.optim.Optimizer):
     return self._gather(t.param.grad, t, st)
 
   def _grad_holders(self) -> list[torch.Tensor]:
-    out = [p for g in self.param_groups for p in g["params"]]
-    out.extend(h.delta for h in self._pro.values())
-    return out
+    return [p for g in self.param_groups for p in g["params"]]  # Pro's deltas included
 
   def _read_grads(self) -> list[torch.Tensor]:
     """The gradient values the next step reads: the block of each non-profiling
     target, the full gradient of profiling targets, trained non-targets."""
     out = []
     for group in self.param_groups:
-      for p in group["params"]:
+      for p in self._own_params(group):
         t = self._spec.get(id(p))
         if t is None:
           if self.config.non_target == "train" and p.grad is not None:
@@ -263,6 +289,12 @@ class LoSiAOptimizer(torch.optim.Optimizer):
           out.append(p.grad if prof else blk)
     return out
 
+  def grad_norm(self, norm_type: float = 2.0) -> torch.Tensor:
+    """The norm :meth:`clip_grad_norm_` clips by, without clipping."""
+    self.follow_parameters()
+    return torch.nn.utils.get_total_norm(self._read_grads(), norm_type)
+
+  @torch._dynamo.disable
   def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0,
                       error_if_nonfinite: bool = False, foreach=None) -> torch.Tensor:
     """Clips by the norm of every gradient value the step reads; returns that norm.
@@ -279,16 +311,12 @@ class LoSiAOptimizer(torch.optim.Optimizer):
           "clip_grad_norm_ cannot work with per-layer stepping: each parameter is updated "
           "inside backward and its gradient freed before a global norm exists. Call "
           "disable_per_layer_step() to clip.")
+    self.follow_parameters()
     total = torch.nn.utils.get_total_norm(self._read_grads(), norm_type, error_if_nonfinite,
                                           foreach)
     holders = [x.grad for x in self._grad_holders() if x.grad is not None]
     torch.nn.utils.clip_grads_with_norm_(holders, max_norm, total, foreach)
     return total
-
-  def zero_grad(self, set_to_none: bool = True) -> None:
-    super().zero_grad(set_to_none)
-    for h in self._pro.values():
-      h.zero_grad(set_to_none)
 
   # --- the step ------------------------------------------------------------------
 
@@ -336,7 +364,13 @@ class LoSiAOptimizer(torch.optim.Optimizer):
       for t in profiled:
         self._relocalize(t, self.state[t.param], s)
     self.losia_step = s + 1
+    _pro.sync_handles(self)  # Pro layers learn their new indices and profiling flags
 
+  # Dynamo must not trace the step: it would bake the Python step counter and the
+  # schedule's branches into a graph, and a compiled step silently stopped
+  # relocalizing. Under ``torch.compile(opt.step)`` this runs eagerly (a graph
+  # break), so it is exactly the eager step.
+  @torch._dynamo.disable
   @torch.no_grad()
   def step(self, closure: Optional[Callable[[], Any]] = None):
     """One LoSiA step from the gradients in ``.grad`` (see the class docstring)."""
@@ -348,10 +382,11 @@ class LoSiAOptimizer(torch.optim.Optimizer):
       from losia_torch.layerwise import finish_step
       finish_step(self)
       return loss
+    self.follow_parameters()
     s = self.losia_step
     work, nt_work, checks = [], [], []
     for group in self.param_groups:
-      for p in group["params"]:
+      for p in self._own_params(group):
         self._collect(group, p, s, work, nt_work, checks)
     if not work and not nt_work:
       return loss  # no gradient at all (like torch's optimizers): a no-op, s stays
@@ -365,6 +400,10 @@ class LoSiAOptimizer(torch.optim.Optimizer):
     self._finish([t for _, t, _, _, prof in work if prof], s)
     self._consume_pro_grads()
     return loss
+
+  def follow_parameters(self) -> None:
+    """Moves the state to the parameters' devices if the model moved (done by ``step``)."""
+    _ckpt.follow_parameters(self)
 
   def _update_targets(self, work: list, s: int) -> None:
     cfg = self.config
@@ -390,11 +429,7 @@ class LoSiAOptimizer(torch.optim.Optimizer):
         if cfg.rewarm:
           u.mul_(_sched.rewarm_factor(s, st["last_relocalization"], cfg.period))
         u.mul_(-float(group["lr"]))
-        new = wblk + u.to(w.dtype)
-        if t.row_mode:
-          w.index_copy_(0, st["rows"], new)
-        else:
-          w.index_put_((st["rows"][:, None], st["cols"][None, :]), new)
+        self._scatter(w, t, st, wblk + u.to(w.dtype))
 
   def _update_non_targets(self, nt_work: list, s: int) -> None:
     by_hp: dict[tuple, list] = defaultdict(list)
@@ -430,7 +465,9 @@ class LoSiAOptimizer(torch.optim.Optimizer):
     slot = self._importance.pop(self._slot_key(t), None)
     if slot is None:
       return
-    score = slot.score()
+    score = slot.score()  # in the parameter's layout
+    if t.transposed:
+      score = score.t()
     if t.row_mode:
       st["rows"] = select_rows(score, t.k_out).to(t.param.device)
     else:
@@ -452,13 +489,11 @@ class LoSiAOptimizer(torch.optim.Optimizer):
     See :func:`losia_torch.pro.enable_pro`. Returns the names of the targets
     that now run the compact backward.
     """
-    from losia_torch.pro import enable_pro
-    return enable_pro(model, self)
+    return _pro.enable_pro(model, self)
 
   def disable_pro(self) -> None:
     """Restores the ordinary ``nn.Linear`` forward of every Pro target."""
-    from losia_torch.pro import disable_pro
-    disable_pro(self)
+    _pro.disable_pro(self)
 
   # --- per-layer stepping --------------------------------------------------------------
 
@@ -482,60 +517,10 @@ class LoSiAOptimizer(torch.optim.Optimizer):
 
     Per-parameter state keeps its dtypes on :meth:`load_state_dict` (int64
     indices, fp32 moments), unlike torch's default, which would cast it to the
-    parameter's dtype (bf16 holds integers exactly only up to 256).
+    parameter's dtype (bf16 holds integers exactly only up to 256). LoSiA-Pro's
+    delta leaves are not part of it (see ``losia_torch.checkpoint``).
     """
-    sd = super().state_dict()
-    sd["losia"] = {
-        "step": self.losia_step,
-        "num_skipped_steps": self.num_skipped_steps,
-        "importance": {k: slot.state_dict() for k, slot in self._importance.items()},
-        "config": self.config.to_dict(),
-        "targets": [t.name for t in self.plan.targets],
-    }
-    return sd
+    return _ckpt.state_dict(self, super().state_dict)
 
   def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-    sd = dict(state_dict)
-    extra = sd.pop("losia", None)
-    if not isinstance(extra, dict):
-      raise ValueError("not a LoSiAOptimizer state dict: it has no 'losia' entry")
-    saved_cfg = extra.get("config", {})
-    diff = sorted(k for k, v in self.config.to_dict().items() if saved_cfg.get(k) != v)
-    if diff:
-      raise ValueError("the saved LoSiA state was made with a different config; fields "
-                       + ", ".join(f"{k} (saved {saved_cfg.get(k)!r}, now "
-                                   f"{getattr(self.config, k)!r})" for k in diff))
-    names = [t.name for t in self.plan.targets]
-    if list(extra.get("targets", [])) != names:
-      raise ValueError("the saved LoSiA state has different targets: saved "
-                       f"{extra.get('targets')}, now {names}")
-    saved_state = sd.get("state", {})
-    sd["state"] = {}
-    super().load_state_dict(sd)
-    params = [p for g in self.param_groups for p in g["params"]]
-    saved_ids = [i for g in sd["param_groups"] for i in g["params"]]
-    id_map = dict(zip(saved_ids, params))
-    state: defaultdict = defaultdict(dict)
-    for k, v in saved_state.items():
-      if k not in id_map:
-        continue
-      p = id_map[k]
-      state[p] = _clone_state_value(v, p.device)
-    for t in self.plan.targets:
-      st = state[t.param]
-      missing = [k for k in ("rows", "cols", "exp_avg", "exp_avg_sq", "step",
-                             "last_relocalization") if k not in st]
-      if missing:
-        raise ValueError(f"the saved state of target {t.name} lacks {missing}")
-      if tuple(st["exp_avg"].shape) != t.block_shape or st["rows"].numel() != t.k_out:
-        raise ValueError(f"the saved state of target {t.name} has block shape "
-                         f"{tuple(st['exp_avg'].shape)}; expected {t.block_shape}")
-      st["step"] = int(st["step"])
-      st["last_relocalization"] = int(st["last_relocalization"])
-    self.state = state
-    self.losia_step = int(extra["step"])
-    self.num_skipped_steps = int(extra.get("num_skipped_steps", 0))
-    dev = params[0].device if params else torch.device("cpu")
-    self._importance = {
-        k: ImportanceSlot(_clone_state_value(v["ibar"], dev), _clone_state_value(v["ubar"], dev))
-        for k, v in extra.get("importance", {}).items()}
+    _ckpt.load_state_dict(self, state_dict, super().load_state_dict)

@@ -2,8 +2,11 @@
 
 The naming rules are the framework-neutral ones of ``losia_common.names``, so
 ``losia_torch`` and ``losia_jax`` pick the same targets, layer ids and initial
-subnets for the same model. A torch ``nn.Linear.weight`` is already
-``[d_out, d_in]``; nothing is transposed here.
+subnets for the same model. LOSIA_SPEC.md section 1 speaks of every target as
+``[d_out, d_in]``: a torch ``nn.Linear.weight`` is stored that way, transformers'
+GPT-2 ``Conv1D.weight`` is stored ``[d_in, d_out]`` (``TargetSpec.transposed``).
+The layout comes from the module that owns the weight (:func:`layouts_of`); a
+target owned by anything else is an error, not a guess.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ class TargetSpec:
     identity: canonical identity that seeds the initial subnet.
     role: module path inside its layer (``self_attn.q_proj``; ``output``);
       in async mode the targets of one role share one profiling buffer.
+    transposed: the weight is stored ``[d_in, d_out]`` (transformers ``Conv1D``);
+      ``rows``/``cols`` still index output/input neurons.
   """
 
   name: str
@@ -47,6 +52,7 @@ class TargetSpec:
   layer_id: int
   identity: str
   role: str
+  transposed: bool = False
 
   @property
   def block_shape(self) -> tuple[int, int]:
@@ -137,13 +143,53 @@ def named_parameters_of(obj: Any) -> tuple[list[tuple[str, torch.Tensor]], Optio
       raise TypeError(
           "LoSiA needs parameter names to find its targets: pass a model or "
           "`model.named_parameters()` ((name, tensor) pairs); got an element of type "
-          f"{type(it).__name__}")
+          f"{type(it).__name__}. With transformers.Trainer use losia_torch.LoSiATrainer "
+          "(Trainer's optimizer_cls_and_kwargs passes unnamed tensors, and Trainer's own "
+          "clipping would not see the gradient values LoSiA reads)")
   return [(n, p) for n, p in items], None
+
+
+OUT_IN, IN_OUT = "[d_out, d_in]", "[d_in, d_out]"
+
+
+def is_conv1d(mod: torch.nn.Module) -> bool:
+  """transformers' GPT-2 ``Conv1D``: ``weight [nx, nf] = [d_in, d_out]``, ``y = x W + b``."""
+  w = getattr(mod, "weight", None)
+  return (type(mod).__name__ == "Conv1D" and isinstance(w, torch.Tensor) and w.dim() == 2
+          and tuple(w.shape) == (getattr(mod, "nx", None), getattr(mod, "nf", None)))
+
+
+def layouts_of(model: torch.nn.Module) -> dict[int, tuple[str, str]]:
+  """``id(weight) -> (layout, owner type name)`` for the 2-D weights of ``model``.
+
+  ``nn.Linear`` and ``nn.Embedding`` (as the output layer: ``[vocab, hidden]``)
+  are ``[d_out, d_in]``; transformers' ``Conv1D`` is ``[d_in, d_out]``; any
+  other owner gets layout None (a target there is refused by :func:`make_plan`).
+  """
+  inner = model
+  while isinstance(inner, torch.nn.parallel.DistributedDataParallel):
+    inner = inner.module
+  out: dict[int, tuple[str, str]] = {}
+  for _, mod in inner.named_modules():
+    w = mod._parameters.get("weight") if hasattr(mod, "_parameters") else None
+    if w is None or w.dim() != 2:
+      continue
+    if isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)):
+      lay = OUT_IN
+    elif is_conv1d(mod):
+      lay = IN_OUT
+    else:
+      lay = None
+    prev = out.get(id(w))
+    if prev is None or prev[0] is None:  # tied weights: any known owner decides
+      out[id(w)] = (lay, type(mod).__name__)
+  return out
 
 
 def make_plan(named: Sequence[tuple[str, torch.Tensor]], config: LoSiAConfig, *,
               output_param: Optional[torch.Tensor] = None,
-              output_module: str = "lm_head") -> LoSiAPlan:
+              output_module: str = "lm_head",
+              layouts: Optional[dict[int, tuple[str, str]]] = None) -> LoSiAPlan:
   """Finds the targets of ``config`` among ``named`` parameters.
 
   Args:
@@ -155,8 +201,12 @@ def make_plan(named: Sequence[tuple[str, torch.Tensor]], config: LoSiAConfig, *,
       ``output_module`` is used.
     output_module: module name or regex of the output layer (see above).
 
+    layouts: :func:`layouts_of` the model; None reads every target as
+      ``[d_out, d_in]`` (the ``nn.Linear`` layout).
+
   Raises:
     ValueError: naming the parameters or patterns, when no target matches, a
+      target's owner has no known layout, a
       target is not 2-D, a target has no layer index, the output layer is asked
       for but not found, or two targets of one role sit in one layer.
   """
@@ -177,9 +227,28 @@ def make_plan(named: Sequence[tuple[str, torch.Tensor]], config: LoSiAConfig, *,
           f"output_rank_factor={config.output_rank_factor}: the model's output-layer weight "
           "(get_output_embeddings().weight) is not among the optimizer's parameters")
     output_index = found[0]
+  def transposed(p):
+    return layouts is not None and layouts.get(id(p), (OUT_IN, ""))[0] == IN_OUT
+
+  # find_targets sees [d_out, d_in] shapes (it checks ranks and reports shapes).
+  shapes = [tuple(p.shape)[::-1] if p.dim() == 2 and transposed(p) else tuple(p.shape)
+            for _, p in named]
   target_idx, output_idx = _names.find_targets(
-      parsed, [tuple(p.shape) for _, p in named], config, output_module=output_module,
-      output_index=output_index)
+      parsed, shapes, config, output_module=output_module, output_index=output_index)
+  if layouts is not None:
+    unknown = [f"{names[i]} (owned by {layouts[id(named[i][1])][1]})"
+               for i in target_idx + output_idx
+               if layouts.get(id(named[i][1]), (OUT_IN, ""))[0] is None]
+    if unknown:
+      raise ValueError(
+          "LoSiA cannot know which axis of these targets holds the output neurons (their "
+          "modules are neither nn.Linear, nn.Embedding nor transformers Conv1D): "
+          + ", ".join(unknown) + ". Narrow target_modules, or pass (name, tensor) pairs to "
+          "read them as [d_out, d_in]")
+    bad_out = [names[i] for i in output_idx if transposed(named[i][1])]
+    if bad_out:
+      raise ValueError(f"the output layer {bad_out[0]} is a Conv1D ([d_in, d_out]); LoSiA's "
+                       "row mode needs an nn.Linear or nn.Embedding output layer")
   for i in target_idx + output_idx:
     if not named[i][1].is_floating_point():
       raise ValueError(f"LoSiA target {names[i]} must be a floating-point tensor; "
@@ -191,7 +260,7 @@ def make_plan(named: Sequence[tuple[str, torch.Tensor]], config: LoSiAConfig, *,
   seen: dict[tuple[str, int], str] = {}
   for i in sorted(target_idx + output_idx):
     nm, p = parsed[i], named[i][1]
-    d_out, d_in = int(p.shape[0]), int(p.shape[1])
+    d_out, d_in = (int(x) for x in shapes[i])
     if i in output_idx:
       spec = TargetSpec(names[i], p, nm, d_out, d_in, block_size(config.output_rank_factor, d_out),
                         d_in, True, 0, _names.OUTPUT_IDENTITY, _names.OUTPUT_IDENTITY)
@@ -199,7 +268,8 @@ def make_plan(named: Sequence[tuple[str, torch.Tensor]], config: LoSiAConfig, *,
       spec = TargetSpec(names[i], p, nm, d_out, d_in, block_size(config.rank_factor, d_out),
                         block_size(config.rank_factor, d_in), False,
                         _schedule.layer_id(nm.layer_index, want_output),
-                        _names.target_identity(nm.layer_index, nm.role), nm.role)
+                        _names.target_identity(nm.layer_index, nm.role), nm.role,
+                        transposed(p))
     key = (spec.role, spec.layer_id)
     if key in seen:
       raise ValueError(f"targets {seen[key]} and {spec.name} have the same role {spec.role!r} "

@@ -19,6 +19,8 @@ from tests.parity_fixtures import CASES, Fixture, nest
 class _Tied(nn.Module):
   """A module tree whose ``named_parameters()`` are exactly the fixture's names.
 
+  Matrices sit in ``nn.Linear`` modules, so that their ``[d_out, d_in]`` layout is known.
+
   Like a transformers ``LlamaForCausalLM`` with tied embeddings, its output layer
   (``get_output_embeddings()``) holds the embedding matrix.
   """
@@ -28,7 +30,16 @@ class _Tied(nn.Module):
 
     def build(mod, tree):
       for k, v in tree.items():
-        if isinstance(v, dict):
+        if isinstance(v, dict) and set(v) <= {"weight", "bias"} and np.ndim(v["weight"]) == 2:
+          # A matrix owner must say its layout (LOSIA_SPEC.md section 1): nn.Linear's.
+          w = torch.tensor(v["weight"])
+          child = nn.Linear(w.shape[1], w.shape[0], bias="bias" in v)
+          with torch.no_grad():
+            child.weight.copy_(w)
+            if "bias" in v:
+              child.bias.copy_(torch.tensor(v["bias"]))
+          mod.add_module(k, child)
+        elif isinstance(v, dict):
           child = nn.Module()
           mod.add_module(k, child)
           build(child, v)
