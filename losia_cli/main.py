@@ -21,7 +21,7 @@ from losia_cli import checkpoints as ck
 from losia_cli import data as D
 from losia_cli import report as R
 from losia_cli import tasks
-from losia_cli.args import (PROG, TASK_MAX_NEW_TOKENS, HelpExit, RunConfig, UsageError,
+from losia_cli.args import (PROG, HelpExit, RunConfig, UsageError,
                             build_config, default_warmup, output_dir_of, parse_flags)
 from losia_cli.backend import ModelSource, TrainSettings
 
@@ -251,10 +251,11 @@ class Run:
     cfg = self.cfg
     fp: dict[str, Any] = {}
     if cfg.task is not None:
-      train, evals = tasks.splits(cfg.seed, eval_size=cfg.eval_size)
+      task = tasks.get_task(cfg.task)
+      train, evals = task.splits(cfg.seed, eval_size=cfg.eval_size)
       train_ex = [D.Example(p.prompt, p.response) for p in train]
       eval_ex = [D.Example(p.prompt, p.response) for p in evals]
-      self.scorer = tasks.TASK_SCORER
+      self.scorer = task.scorer
       fp["task"] = cfg.task
     else:
       train_ex = D.load_jsonl(cfg.data)
@@ -282,7 +283,7 @@ class Run:
     if cfg.max_new_tokens is not None:
       self.max_new_tokens = cfg.max_new_tokens
     elif cfg.task is not None:
-      self.max_new_tokens = TASK_MAX_NEW_TOKENS
+      self.max_new_tokens = tasks.get_task(cfg.task).max_new_tokens
     else:
       self.max_new_tokens = max((len(e.target_ids) for e in eval_enc), default=1)
     self.order = D.BatchOrder(len(self.train_enc), cfg.batch_size, cfg.seed)

@@ -1,4 +1,4 @@
-"""The embedded task: multi-digit arithmetic word problems.
+"""The embedded tasks: multi-digit arithmetic word problems, and cities (see geo_tasks).
 
 ``losia-finetune`` with no ``--data`` fine-tunes on problems generated here, so
 the default run needs no files and no network. A problem is an addition, a
@@ -18,11 +18,11 @@ from __future__ import annotations
 import dataclasses
 import re
 import zlib
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
-TASKS = ("arithmetic",)
+TASKS = ("arithmetic", "cities")
 
 # One problem in HELDOUT_MODULUS goes to the held-out pool (by hash of the arithmetic).
 HELDOUT_MODULUS = 10
@@ -159,8 +159,10 @@ class Scorer:
 
   Attributes:
     name: what the score is called in reports (``"accuracy"``, ``"exact match"``).
-    kind: ``"first_integer"`` (the embedded task) or ``"exact"`` (JSONL data:
-      the prediction equals the response after stripping whitespace).
+    kind: ``"first_integer"`` (the arithmetic task), ``"exact"`` (JSONL data:
+      the prediction equals the response after stripping whitespace), ``"text"``
+      (the cities task: the first line equals the response after :func:`normalize`)
+      or ``"contains"`` (knowledge probes: the response appears as a whole word).
   """
 
   name: str
@@ -170,8 +172,59 @@ class Scorer:
     if self.kind == "first_integer":
       got = first_integer(prediction)
       return got is not None and got == int(target)
+    if self.kind == "text":
+      lines = prediction.strip().splitlines()
+      return bool(lines) and normalize(lines[0]) == normalize(target)
+    if self.kind == "contains":
+      return re.search(r"(?<!\w)" + re.escape(normalize(target)) + r"(?!\w)",
+                       normalize(prediction)) is not None
     return prediction.strip() == target.strip()
+
+
+def normalize(text: str) -> str:
+  """Case-folded, whitespace collapsed, surrounding spaces and final ``.!`` removed."""
+  return " ".join(text.casefold().split()).rstrip(".!").strip()
 
 
 TASK_SCORER = Scorer("accuracy", "first_integer")
 EXACT_MATCH = Scorer("exact match", "exact")
+TEXT_MATCH = Scorer("accuracy", "text")
+"""The first line of the answer equals the target, ignoring case and a final period."""
+CONTAINS = Scorer("recall", "contains")
+"""The target appears as a whole word (case-insensitive) anywhere in the answer."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+  """An embedded task, as ``losia-finetune --task NAME`` uses it.
+
+  Attributes:
+    name: the ``--task`` value.
+    splits: ``splits(seed, train_size=None, eval_size=64) -> (train, heldout)``;
+      each item has ``prompt``, ``response`` and a ``key`` no two splits share.
+      ``train_size`` None: the task's default.
+    scorer: how an answer is judged.
+    max_new_tokens: generation length at evaluation.
+  """
+
+  name: str
+  splits: Callable[..., tuple[list[Any], list[Any]]]
+  scorer: Scorer
+  max_new_tokens: int
+
+
+def _arithmetic_splits(seed: int, train_size: Optional[int] = None, eval_size: int = 64):
+  return splits(seed, DEFAULT_TRAIN_SIZE if train_size is None else train_size, eval_size)
+
+
+def get_task(name: str) -> TaskSpec:
+  """The :class:`TaskSpec` of ``name`` (one of :data:`TASKS`)."""
+  from losia_cli import geo_tasks
+  specs = {
+      "arithmetic": TaskSpec("arithmetic", _arithmetic_splits, TASK_SCORER, 8),
+      "cities": TaskSpec("cities", geo_tasks.city_splits, TEXT_MATCH,
+                         geo_tasks.CITY_MAX_NEW_TOKENS),
+  }
+  if name not in specs:
+    raise ValueError(f"unknown task {name!r}; expected one of {', '.join(TASKS)}")
+  return specs[name]
