@@ -27,6 +27,12 @@ Use :func:`value_and_grad` in place of ``jax.value_and_grad``; it returns
 ``tx.update`` accept. The model must route its target projections through the
 ``linear`` hook it is given (``losia_jax.models.LlamaForCausalLM`` does).
 
+Mixed precision: :func:`pro_linear` is the model's own projection
+(:func:`losia_jax.linear.project`) with another matmul, so it computes in the
+activation's dtype exactly as the plain hook does (bf16 compute on fp32 params:
+the same bf16 products, the same loss bit for bit); block gradients come back in
+the parameters' dtype.
+
 Limits: ``schedule="async"`` only (sync profiles every layer at once); the
 output layer (row mode) and non-targets keep ordinary full gradients; global
 norm clipping chained before LoSiA sees the compact gradients (blocks,
@@ -43,37 +49,32 @@ import jax.numpy as jnp
 
 from losia_jax import blocks
 from losia_jax.compose import find_losia_state
+# One hook definition for the models and Pro (re-exported here for loss functions).
+from losia_jax.linear import Linear, default_linear, project  # noqa: F401
 from losia_jax.schedule import slot_owner
 from losia_jax.transform import LoSiATransformation, ProGradients
-
-Linear = Callable[[str, jax.Array, jax.Array, Optional[jax.Array]], jax.Array]
 
 _TAKE = dict(axis=-1, mode="clip", indices_are_sorted=True, unique_indices=True)
 
 
-def default_linear(identity: str, x: jax.Array, kernel: jax.Array,
-                   bias: Optional[jax.Array]) -> jax.Array:
-  """The plain projection ``x @ kernel + bias`` (the hook a model uses by default)."""
-  del identity
-  y = x @ kernel
-  return y if bias is None else y + bias
-
-
+# ``kernel`` and ``block`` arrive already in the compute dtype (``x.dtype``), cast
+# by ``project`` exactly as the plain hook casts, so the forward is the plain
+# product and the backward is the plain backward restricted to the block.
 @functools.partial(jax.custom_vjp, nondiff_argnums=())
 def _pro_matmul(x, kernel, block, rows, cols):
   del block, rows, cols
-  return x @ kernel
+  return jnp.dot(x, kernel)
 
 
 def _pro_fwd(x, kernel, block, rows, cols):
   # The only activation residual is x restricted to the block's input neurons.
   x_cols = jnp.take(x, cols, **_TAKE)
-  return x @ kernel, (x_cols, kernel, rows, cols)
+  return jnp.dot(x, kernel), (x_cols, kernel, rows, cols)
 
 
 def _pro_bwd(res, dy):
   x_cols, kernel, rows, cols = res
-  dx = (dy @ kernel.T).astype(x_cols.dtype)
+  dx = jnp.dot(dy, kernel.T).astype(x_cols.dtype)
   dy_rows = jnp.take(dy, rows, **_TAKE)
   k_in, k_out = x_cols.shape[-1], dy_rows.shape[-1]
   dblock = x_cols.reshape(-1, k_in).T @ dy_rows.reshape(-1, k_out)
@@ -89,6 +90,12 @@ def pro_linear(x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array], block
                rows: jax.Array, cols: jax.Array) -> jax.Array:
   """``x @ kernel + bias`` whose weight gradient is the compact block's only.
 
+  Computes what :func:`~losia_jax.linear.default_linear` computes, in the
+  compute dtype ``x.dtype`` (kernel, block and bias cast to it): with bf16
+  activations on fp32 parameters the product is the same bf16 matmul, and the
+  block's gradient is computed in bf16 and cast back to the block's dtype, as
+  the plain gradient flows back through the kernel's cast.
+
   Args:
     x: ``[..., d_in]`` input.
     kernel: ``[d_in, d_out]`` weight (Flax layout); receives no gradient.
@@ -98,10 +105,10 @@ def pro_linear(x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array], block
     rows, cols: int32 sorted output and input neuron indices of the block.
 
   Returns:
-    ``[..., d_out]``, bit-identical to ``x @ kernel + bias``.
+    ``[..., d_out]``, bit-identical to ``default_linear(_, x, kernel, bias)``.
   """
-  y = _pro_matmul(x, kernel, block, rows, cols)
-  return y if bias is None else y + bias
+  matmul = lambda x, k: _pro_matmul(x, k, block.astype(x.dtype), rows, cols)
+  return project(x, kernel, bias, matmul)
 
 
 class _Route:

@@ -1,6 +1,7 @@
 """LLaMA-family causal LMs in Flax NNX with Hugging Face weight conversion.
 
-- :class:`LlamaForCausalLM`, :class:`ModelConfig`, :func:`default_linear`: the model;
+- :class:`LlamaForCausalLM`, :class:`ModelConfig`: the model; :func:`default_linear`: its
+  projection hook (defined once in :mod:`losia_jax.linear`, shared with LoSiA-Pro);
 - :func:`from_hf_state_dict`, :func:`to_hf_state_dict`, :func:`load_hf`,
   :func:`save_hf`, :func:`load_gguf`, :func:`to_hf_config`: conversion and IO;
 - :func:`greedy_generate`: batched greedy decoding with a KV cache;

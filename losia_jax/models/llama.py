@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from losia_common.names import target_identity
+from losia_jax.linear import Linear, default_linear
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -46,24 +47,10 @@ _ROPE_KEYS = {
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
 }
 
-LinearFn = Callable[[str, jax.Array, jax.Array, jax.Array | None], jax.Array]
+LinearFn = Linear  # linear(identity, x, kernel, bias); defined once in losia_jax.linear
 
 PROJECTION_ROLES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-
-
-def default_linear(identity: str, x: jax.Array, kernel: jax.Array,
-                   bias: jax.Array | None) -> jax.Array:
-  """The plain projection ``x @ kernel + bias`` in the dtype of ``x``.
-
-  The model's own projections call this, so a hook that delegates to it gives
-  bit-identical results to the un-hooked forward. ``identity`` is unused here.
-  """
-  del identity
-  y = jnp.dot(x, kernel.astype(x.dtype))
-  if bias is not None:
-    y = y + bias.astype(y.dtype)
-  return y
 
 
 @dataclasses.dataclass(frozen=True)
