@@ -8,6 +8,8 @@ Public API:
   (linear layers whose backward computes only the block gradient);
 - :func:`enable_per_layer_step`, :func:`disable_per_layer_step` (also optimizer
   methods): the optional mode that updates each parameter inside backward;
+- :class:`LoSiATrainer`: ``transformers.Trainer`` with LoSiA's optimizer and clipping
+  (imports ``transformers`` on first use);
 - :class:`LoSiAConfig`: the configuration shared with ``losia_jax``;
 - :func:`select_subnet`, :func:`select_rows`, :func:`instant_importance`,
   :func:`update_importance`, :func:`rewarm_factor`: the pure pieces of the method;
@@ -32,6 +34,7 @@ __all__ = [
     "LoSiAOptimizer",
     "LoSiAPlan",
     "LoSiAProLinear",
+    "LoSiATrainer",
     "NONFINITE_MESSAGE",
     "TargetSpec",
     "disable_per_layer_step",
@@ -50,3 +53,11 @@ __all__ = [
     "top_k_indices",
     "update_importance",
 ]
+
+
+def __getattr__(name):
+  # LoSiATrainer needs transformers, which plain losia_torch does not import.
+  if name == "LoSiATrainer":
+    from losia_torch.trainer import LoSiATrainer
+    return LoSiATrainer
+  raise AttributeError(f"module 'losia_torch' has no attribute {name!r}")
