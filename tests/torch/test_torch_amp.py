@@ -92,3 +92,31 @@ def test_pro_under_autocast_equals_plain_under_autocast():
   pro = _run(True, autocast=True)
   # bf16 matmuls of a block and of the full matrix may round differently.
   _same(plain, pro, 2e-3, 1e-4)
+
+
+def _accelerate_run(pro: bool, steps=STEPS):
+  import accelerate
+  acc = accelerate.Accelerator(mixed_precision="bf16", cpu=True)
+  model = _llama()
+  opt = losia_torch.get_losia_optimizer(model, CFG, lr=1e-2, pro=pro, verbose=False)
+  model, aopt = acc.prepare(model, opt)
+  g = torch.Generator().manual_seed(1)
+  norms = []
+  for _ in range(steps):
+    ids = torch.randint(0, 64, (2, 8), generator=g)
+    acc.backward(model(input_ids=ids, labels=ids).loss)
+    acc.unscale_gradients()  # a no-op in bf16; with fp16 it unscales Pro's deltas too
+    norms.append(float(opt.clip_grad_norm_(0.05)))
+    aopt.step()
+    aopt.zero_grad()
+  return model, opt, norms, None
+
+
+def test_accelerate_bf16_pro_equals_plain():
+  plain, pro = _accelerate_run(False), _accelerate_run(True)
+  assert plain[1].losia_step == pro[1].losia_step == STEPS
+  for t in plain[1].plan.targets:
+    assert torch.equal(plain[1].subnet(t.name)[0], pro[1].subnet(t.name)[0])
+  torch.testing.assert_close(torch.tensor(pro[2]), torch.tensor(plain[2]), rtol=2e-3, atol=1e-4)
+  for (n, p0), p1 in zip(plain[0].named_parameters(), pro[0].parameters()):
+    torch.testing.assert_close(p1, p0, rtol=2e-3, atol=1e-4, msg=n)
