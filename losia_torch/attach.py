@@ -41,6 +41,10 @@ def get_losia_optimizer(model: torch.nn.Module, config: Optional[LoSiAConfig] = 
       when ``config.non_target == "freeze"``; True with ``non_target="train"`` is an
       error (those parameters need their gradients).
 
+  Under ``DistributedDataParallel`` with ``non_target="freeze"``, call this on the
+  model before wrapping it (DDP must see the frozen parameters when it is built);
+  given a DDP wrapper, freezing is refused with a message saying so.
+
   Returns:
     The optimizer; ``optimizer.plan`` lists the targets, ``optimizer.report``
     holds the text report (target count, trainable block parameters).
@@ -57,6 +61,16 @@ def get_losia_optimizer(model: torch.nn.Module, config: Optional[LoSiAConfig] = 
   if freeze_non_targets and non_target != "freeze":
     raise ValueError('freeze_non_targets=True needs config.non_target="freeze"; got '
                      f"non_target={non_target!r} (the non-targets are trained)")
+  if freeze_non_targets and isinstance(model, torch.nn.parallel.DistributedDataParallel) \
+      and any(p.requires_grad for _, p in opt.plan.non_targets):
+    # DDP fixed the set of parameters it reduces when it was built; freezing some now
+    # makes its reducer wait for gradients that never come ("Expected to have finished
+    # reduction in the prior iteration" at the second step).
+    raise ValueError(
+        'non_target="freeze" sets requires_grad=False on the non-targets, which '
+        "DistributedDataParallel must see when it is built: call get_losia_optimizer on the "
+        "model first, then wrap the model in DistributedDataParallel (or pass "
+        "freeze_non_targets=False)")
   report = opt.summary()
   if freeze_non_targets:
     frozen = [p for _, p in opt.plan.non_targets if p.requires_grad]

@@ -1,5 +1,6 @@
 """LoSiA under DistributedDataParallel (gloo, 2 CPU processes) equals one process."""
 
+import dataclasses
 import os
 
 import pytest
@@ -12,6 +13,7 @@ from losia_common import LoSiAConfig
 from tests.torch.torch_helpers import Toy
 
 CFG = LoSiAConfig(rank_factor=0.34, period=2, output_rank_factor=0.25)
+FREEZE = dataclasses.replace(CFG, non_target="freeze")
 STEPS = 2 * CFG.period * 4 + 2
 
 
@@ -24,7 +26,7 @@ def _train(model, opt, batches):
   for ids in batches:
     loss = _loss(model, ids)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.clip_grad_norm_(1.0)  # LoSiA's rule: the norm of the gradient values it reads
     opt.step()
     opt.zero_grad()
 
@@ -36,15 +38,27 @@ def _loss(model, ids):
                                            ids[:, 1:].reshape(-1))
 
 
-def _worker(rank, world, init_file, out_dir):
+def _worker(rank, world, init_file, out_dir, freeze=False):
   torch.set_num_threads(1)
   dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                           world_size=world)
   try:
     torch.manual_seed(0)
     model = Toy(layers=3)
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
-    opt = losia_torch.LoSiAOptimizer(ddp, CFG, lr=1e-2, weight_decay=0.01)
+    if freeze:  # freezing non-targets: the optimizer first, then the DDP wrapper
+      try:
+        losia_torch.get_losia_optimizer(
+            torch.nn.parallel.DistributedDataParallel(Toy(layers=3)), FREEZE, verbose=False)
+        wrong_order = ""
+      except ValueError as e:
+        wrong_order = str(e)
+      opt = losia_torch.get_losia_optimizer(model, FREEZE, lr=1e-2, weight_decay=0.01,
+                                            verbose=False)
+      ddp = torch.nn.parallel.DistributedDataParallel(model)
+    else:
+      wrong_order = ""
+      ddp = torch.nn.parallel.DistributedDataParallel(model)
+      opt = losia_torch.LoSiAOptimizer(ddp, CFG, lr=1e-2, weight_decay=0.01)
     shards = [ids[rank * 2:(rank + 1) * 2] for ids in _batches()]
     _train(ddp, opt, shards)
     try:  # per-layer stepping would apply each rank's un-averaged gradient: refused
@@ -52,7 +66,7 @@ def _worker(rank, world, init_file, out_dir):
       refused = ""
     except RuntimeError as e:
       refused = str(e)
-    torch.save({"refused": refused,
+    torch.save({"refused": refused, "wrong_order": wrong_order,
                 "params": {n: p.detach() for n, p in model.named_parameters()},
                 "indices": {t.name: (opt.subnet(t.name)[0], opt.subnet(t.name)[1])
                             for t in opt.plan.targets},
@@ -62,14 +76,19 @@ def _worker(rank, world, init_file, out_dir):
 
 
 @pytest.mark.slow
-def test_ddp_ranks_agree_and_match_a_single_process(tmp_path):
-  mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.parametrize("freeze", [False, True], ids=["train", "freeze"])
+def test_ddp_ranks_agree_and_match_a_single_process(tmp_path, freeze):
+  mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path), freeze), nprocs=2,
+           join=True)
   r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
   r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
   torch.manual_seed(0)
   model = Toy(layers=3)
-  opt = losia_torch.LoSiAOptimizer(model, CFG, lr=1e-2, weight_decay=0.01)
+  opt = losia_torch.get_losia_optimizer(model, FREEZE if freeze else CFG, lr=1e-2,
+                                        weight_decay=0.01, verbose=False)
   _train(model, opt, _batches())
+  if freeze:
+    assert "then wrap the model in DistributedDataParallel" in r0["wrong_order"]
   assert r0["step"] == r1["step"] == opt.losia_step == STEPS
   assert "does not work with data parallelism" in r0["refused"]
   for name, (rows, cols) in r0["indices"].items():
