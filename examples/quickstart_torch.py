@@ -43,7 +43,10 @@ def main():
     ids = batch()
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
-    opt.clip_grad_norm_(1.0)  # == clip_grad_norm_(model.parameters()) without Pro
+    # LoSiA's clipping rule: the norm of the gradient values the step reads, the same with
+    # and without Pro (not torch.nn.utils.clip_grad_norm_(model.parameters()), which counts
+    # gradient entries LoSiA never reads and misses Pro's compact gradients).
+    opt.clip_grad_norm_(1.0)
     opt.step()
     sched.step()
     opt.zero_grad()
