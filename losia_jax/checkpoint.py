@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
 
 from losia_jax.sharding import state_shardings
+from losia_jax.transform import LoSiAState
 
 _ITEMS = ("params", "opt_state")
 
@@ -142,7 +143,7 @@ def _following_params(tx: Any, abstract_params: Any, param_sh: Any, abstract_sta
   """Shardings of the optimizer state for params placed by ``param_sh`` (None: as saved)."""
   sh = _leaves(param_sh)
   if sh and all(isinstance(s, NamedSharding) for s in sh):
-    if hasattr(tx, "losia_index"):  # a LoSiA transformation or losia_jax.chain
+    if _holds_losia_state(abstract_state):  # LoSiA, alone or chained
       return state_shardings(tx, abstract_params, param_sh)
     # any other optax transformation: param-shaped leaves follow the params
     rep = NamedSharding(sh[0].mesh, PartitionSpec())
@@ -153,6 +154,11 @@ def _following_params(tx: Any, abstract_params: Any, param_sh: Any, abstract_sta
     # all params on one device (or one sharding): the whole state goes there too
     return jax.tree.map(lambda _: sh[0], abstract_state)
   return None
+
+
+def _holds_losia_state(state: Any) -> bool:
+  is_losia = lambda x: isinstance(x, LoSiAState)
+  return any(is_losia(x) for x in jax.tree.leaves(state, is_leaf=is_losia))
 
 
 def _saved_layout(manager: ocp.CheckpointManager, step: int, item: str, like: Any,
