@@ -27,7 +27,7 @@ import re
 import typing
 from typing import Any, Optional
 
-from losia_cli.backend import BACKENDS, LR_SCHEDULES, METHODS, ModelSource
+from losia_cli.backend import BACKENDS, LORA_VARIANTS, LR_SCHEDULES, METHODS, ModelSource
 from losia_cli.tasks import TASKS
 from losia_common.config import (IMPORTANCE_KINDS, NON_TARGET_POLICIES, SCHEDULES, LoSiAConfig,
                                  LoSiAConfigError)
@@ -72,6 +72,7 @@ DEFAULTS: dict[str, Any] = {
     "max_new_tokens": None,   # task: 8; JSONL: the longest eval response (+ EOS)
     "lora_rank": 8,
     "lora_alpha": 16.0,
+    "lora_variant": "lora",
     "export": True,
     "plots": True,
     "quiet": False,
@@ -148,6 +149,7 @@ class RunConfig:
   max_new_tokens: Optional[int]
   lora_rank: int
   lora_alpha: float
+  lora_variant: str
   export: bool
   plots: bool
   quiet: bool
@@ -322,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="complete checkpoints kept (default: 2)")
   t.add_argument("--lora-rank", type=int, metavar="R", help="LoRA rank (default: 8)")
   t.add_argument("--lora-alpha", type=float, metavar="A", help="LoRA alpha (default: 16)")
+  t.add_argument("--lora-variant", choices=LORA_VARIANTS,
+                 help="torch backend: plain LoRA, DoRA (PEFT use_dora) or PiSSA (PEFT "
+                 "init_lora_weights='pissa') (default: lora)")
   t.add_argument("--no-export", dest="export", action="store_false",
                  help="do not write the fine-tuned model to OUTPUT_DIR/model")
   t.add_argument("--no-plots", dest="plots", action="store_false",
@@ -357,6 +362,8 @@ def build_config(given: dict[str, Any]) -> RunConfig:
   if v["eval_data"] is not None and v["data"] is None:
     raise UsageError("argument --eval-data: needs --data (the embedded task has its own "
                      "held-out split)")
+  if v["lora_variant"] != "lora" and v["backend"] != "torch":
+    raise UsageError(f"argument --lora-variant: {v['lora_variant']} needs --backend torch")
   if v["steps"] is None and v["epochs"] is None:
     v["steps"] = DEFAULT_STEPS
   if v["lr"] is None:

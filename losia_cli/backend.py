@@ -17,6 +17,7 @@ import numpy as np
 METHODS = ("losia", "losia-pro", "full", "lora")
 BACKENDS = ("jax", "torch")
 LR_SCHEDULES = ("constant", "linear", "cosine")
+LORA_VARIANTS = ("lora", "dora", "pissa")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +58,7 @@ class TrainSettings:
   seed: int
   seq_len: int
   batch_size: int
+  lora_variant: str = "lora"  # torch: "lora", "dora" (PEFT use_dora) or "pissa" (PiSSA init)
 
 
 class Batch(NamedTuple):

@@ -189,7 +189,8 @@ class Run:
         method=cfg.method, losia=self.losia, lr=cfg.lr, lr_schedule=cfg.lr_schedule,
         warmup_steps=self.warmup_steps, total_steps=self.total_steps,
         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
-        lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, seed=cfg.seed,
+        lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_variant=cfg.lora_variant,
+        seed=cfg.seed,
         seq_len=cfg.seq_len, batch_size=cfg.batch_size)
     self.log(f"loading {cfg.model.description} on the {cfg.backend} backend ...")
     t0 = R.now()

