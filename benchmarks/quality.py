@@ -211,12 +211,17 @@ class Harness:
   def sweep(self) -> list[Run]:
     runs = []
     for task in self.o.tasks:
-      for label in self.o.methods:
-        if label == "losia-pro" and not self.o.pro_sweep and "losia" in self.o.methods:
-          continue  # same trajectory as LoSiA (LOSIA_SPEC §8): it takes LoSiA's rate
-        for lr in self.lrs_of(label):
-          runs.append(Run("sweep", task, label, lr, self.o.seeds[0], self.o.steps,
-                          self.extra_of(label)))
+      # the middle of every grid (the CLI's default rates) first, so that a partial
+      # sitting has every method once before it has any method three times
+      labels = [m for m in self.o.methods if m != "losia-pro" or self.o.pro_sweep
+                or "losia" not in self.o.methods]  # Pro: LoSiA's trajectory (LOSIA_SPEC §8)
+      for pos in range(max((len(self.lrs_of(m)) for m in labels), default=0)):
+        for label in labels:
+          lrs = self.lrs_of(label)
+          order = [1, 0] + list(range(2, len(lrs))) if len(lrs) >= 2 else [0]
+          if pos < len(order):
+            runs.append(Run("sweep", task, label, lrs[order[pos]], self.o.seeds[0],
+                            self.o.steps, self.extra_of(label)))
     return runs
 
   def best_lr(self, task: str, label: str) -> Optional[float]:
