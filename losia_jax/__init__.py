@@ -22,8 +22,9 @@ from losia_jax.sharding import state_shardings
 from losia_jax.targets import (FLAX_KERNEL, OUT_IN, LoSiADimensionNumbers, LoSiAPlan,
                                TargetSpec, make_plan)
 from losia_jax.compose import chain, find_losia_state, state_nbytes
-from losia_jax.transform import (LoSiAState, LoSiATransformation, ProGradients, TargetState, losia,
+from losia_jax.transform import (LoSiAState, LoSiATransformation, ProGradients, TargetState,
                                  scale_by_losia)
+from losia_jax.alias import LoSiAStage, losia
 from losia_jax import pro
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "LoSiAConfigError",
     "LoSiADimensionNumbers",
     "LoSiAPlan",
+    "LoSiAStage",
     "LoSiAState",
     "LoSiATransformation",
     "TargetSpec",

@@ -8,19 +8,71 @@ import jax
 import numpy as np
 import optax
 
-from losia_jax.transform import LoSiAState, LoSiATransformation, _make
+from losia_jax.alias import LoSiAStage
+from losia_jax.inner import check_elementwise
+from losia_jax.transform import LoSiAState, LoSiATransformation, _make, scale_by_losia
 
 
 def chain(*transforms: optax.GradientTransformation) -> LoSiATransformation:
-  """``optax.chain`` whose last element is LoSiA, keeping the fused path.
+  """Composes LoSiA with optax transformations, keeping the fused path.
 
-  The state is exactly ``optax.chain``'s (a tuple), so the two are
-  interchangeable; ``apply_gradients`` runs the leading transformations (e.g.
-  ``optax.clip_by_global_norm``) and then LoSiA's in-place update.
+  What you write, and what you get:
+
+  - ``chain(losia(config), optax.adamw(lr, weight_decay=wd))``: LoSiA with
+    *your* optimizer as the compact inner optimizer. It runs on each target's
+    ``[k_out, k_in]`` block (moments of the block's size, restarted with fresh
+    bias correction at every relocalization), its learning-rate schedule
+    follows the global step, its decoupled weight decay reads the block only,
+    and the rewarm ramp scales its output. Non-targets (``non_target="train"``)
+    get its full update. Any elementwise optimizer or ``optax.chain`` of
+    elementwise pieces works (adam, adamw, lion, sgd with momentum, rmsprop);
+    others are refused, naming the piece.
+  - ``chain(pre..., losia(config), optimizer...)``: ``pre`` (e.g.
+    ``optax.clip_by_global_norm(1.0)``) processes the full gradients first;
+    several optimizer pieces after the stage are joined by ``optax.chain``.
+  - ``chain(pre..., losia(lr, config, ...))``: the built-in AdamW, as before.
+
+  The state is ``optax.chain``'s (a tuple: the ``pre`` states, then the LoSiA
+  state), so the result also works with ``tx.update`` + ``optax.apply_updates``;
+  ``apply_gradients`` runs ``pre`` and then LoSiA's in-place update.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import losia_jax
+    >>> params = {"layers": [{"q_proj": {"kernel": jnp.ones((16, 16))}}]}
+    >>> cfg = losia_jax.LoSiAConfig(rank_factor=0.25, period=2)
+    >>> tx = losia_jax.chain(optax.clip_by_global_norm(1.0), losia_jax.losia(cfg),
+    ...                      optax.adamw(1e-2, weight_decay=0.01))
+    >>> state = tx.init(params)
+    >>> params, state = tx.apply_gradients(jax.tree.map(jnp.ones_like, params), state, params)
+    >>> int((params["layers"][0]["q_proj"]["kernel"] != 1).sum())  # one 4 x 4 block moved
+    16
   """
-  if not transforms or not isinstance(transforms[-1], LoSiATransformation):
-    raise ValueError("losia_jax.chain needs a LoSiA transformation as its last element")
-  head, last = transforms[:-1], transforms[-1]
+  where = [i for i, t in enumerate(transforms) if isinstance(t, (LoSiAStage, LoSiATransformation))]
+  if len(where) != 1:
+    raise ValueError(
+        f"losia_jax.chain needs exactly one LoSiA element (losia_jax.losia(config) followed by "
+        f"your optimizer, or losia_jax.losia(lr, config) last); got {len(where)} among "
+        f"{len(transforms)} transformations")
+  i = where[0]
+  head, core, tail = tuple(transforms[:i]), transforms[i], tuple(transforms[i + 1:])
+  if isinstance(core, LoSiAStage):
+    if not tail:
+      raise ValueError("losia_jax.chain(..., losia_jax.losia(config)) needs the optimizer that "
+                       "trains the blocks after the stage, e.g. "
+                       "losia_jax.chain(losia_jax.losia(config), optax.adamw(lr))")
+    inner = tail[0] if len(tail) == 1 else optax.chain(*tail)
+    check_elementwise(inner, "the optimizer after losia_jax.losia(config)")
+    core = scale_by_losia(base_optimizer=inner, learning_rate=None, inner_params=True,
+                          **core.options)
+  elif tail:
+    raise ValueError(
+        f"losia_jax.chain: {len(tail)} transformation(s) follow a complete LoSiA optimizer "
+        "(losia(lr, config) or scale_by_losia), which already contains its inner optimizer. "
+        "To train the blocks with your own optimizer write "
+        "losia_jax.chain(losia_jax.losia(config), optax.adamw(lr, ...)); to pre-process "
+        "gradients put that transformation before LoSiA")
+  transforms = head + (core,)
   plain = optax.chain(*transforms)
 
   def apply_fn(grads, state, params):
@@ -29,11 +81,11 @@ def chain(*transforms: optax.GradientTransformation) -> LoSiATransformation:
     for tx, st in zip(head, state[:-1]):
       grads, st = tx.update(grads, st, params)
       new.append(st)
-    params, st = last.apply_gradients(grads, state[-1], params)
+    params, st = core.apply_gradients(grads, state[-1], params)
     return params, tuple(new) + (st,)
 
-  return _make(plain.init, plain.update, apply_fn, last.plan, len(transforms) - 1,
-               chained=transforms, config=last.config)
+  return _make(plain.init, plain.update, apply_fn, core.plan, len(transforms) - 1,
+               chained=transforms, config=core.config, inner=core._inner)
 
 
 def state_nbytes(state: Any) -> int:

@@ -32,8 +32,9 @@ import optax
 
 from losia_common import LoSiAConfig
 from losia_common.subnet import initial_indices
-from losia_jax import blocks
+from losia_jax import blocks, misuse
 from losia_jax.gradients import ProGradients, _DenseGrads, _ProGrads
+from losia_jax.inner import sync_schedule_counts
 from losia_jax.importance import (ImportanceState, accumulate_importance, importance_score,
                                   zeros_importance)
 from losia_jax.schedule import ends_slot, rewarm_factor, slot_owner
@@ -138,6 +139,7 @@ def scale_by_losia(
     output_module: str = "lm_head",
     dimension_numbers: DimensionNumbersArg = None,
     stacked_layers: bool = False,
+    inner_params: bool = False,
 ) -> LoSiATransformation:
   """LoSiA around an inner optimizer that runs on compact ``[k_out, k_in]`` blocks.
 
@@ -174,6 +176,11 @@ def scale_by_losia(
       ``embedding``: ``[out, in]``).
     stacked_layers: targets without a layer index in their path hold all layers
       along a leading axis (scan-over-layers models).
+    inner_params: the inner optimizer is a complete optimizer (e.g.
+      ``optax.adamw(lr)``): it gets the weights it updates as ``params`` (the
+      block, in fp32, for targets), and its learning-rate schedule counters are
+      set to the global step before every update. This is what
+      :func:`losia_jax.chain` builds from ``chain(losia(config), optimizer)``.
 
   Returns:
     A :class:`LoSiATransformation`.
@@ -185,14 +192,20 @@ def scale_by_losia(
     base_optimizer = optax.scale_by_adam()
   if not (hasattr(base_optimizer, "init") and hasattr(base_optimizer, "update")):
     raise TypeError("`base_optimizer` must be an optax GradientTransformation")
-  if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) \
-      or not np.isfinite(weight_decay) or weight_decay < 0:
-    raise ValueError(f"`weight_decay` must be a finite number >= 0; got {weight_decay!r}")
-  if learning_rate is not None and not callable(learning_rate):
-    if isinstance(learning_rate, bool) or not np.isfinite(float(learning_rate)) \
-        or float(learning_rate) < 0:
+  # Arrays (also tracers) are accepted unchecked: optax.inject_hyperparams
+  # passes every numeric hyper-parameter as one, at init and inside jit.
+  if not isinstance(weight_decay, jax.Array):
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) \
+        or not np.isfinite(weight_decay) or weight_decay < 0:
+      raise ValueError(f"`weight_decay` must be a finite number >= 0; got {weight_decay!r}")
+  if learning_rate is not None and not callable(learning_rate) \
+      and not isinstance(learning_rate, jax.Array):
+    if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)) \
+        or not np.isfinite(float(learning_rate)) or float(learning_rate) < 0:
       raise ValueError(
           f"`learning_rate` must be a number >= 0 or an optax schedule; got {learning_rate!r}")
+  # A Python zero skips the decay (and the gathers it needs) statically.
+  has_decay = isinstance(weight_decay, jax.Array) or bool(weight_decay)
   if not isinstance(output_module, str) or not output_module:
     raise ValueError(f"`output_module` must be a non-empty string; got {output_module!r}")
   base = base_optimizer
@@ -211,6 +224,7 @@ def scale_by_losia(
   # --- init -------------------------------------------------------------------
 
   def init_fn(params: Params) -> LoSiAState:
+    misuse.check_not_followed_by_optimizer(params)
     plan = plan_of(params)
     targets, importance = {}, {}
     for b in plan.buckets:
@@ -408,7 +422,7 @@ def scale_by_losia(
     lr = lr_at(s)
     # Old blocks of every matrix are needed for weight decay, and in sync mode
     # to restore "weights before the step" for profiling after the scatter.
-    need_all_w = bool(weight_decay) or not is_async
+    need_all_w = has_decay or inner_params or not is_async
 
     def gather_all(leaves, b, ts):
       parts = [blocks.gather_block(leaves[t.leaf_index], t, span(ts.rows, b, j),
@@ -437,8 +451,13 @@ def scale_by_losia(
     deltas, targets = {}, {}
     for b in plan.buckets:
       ts = state.targets[b.role]
-      u, inner = jax.vmap(lambda g, st: base.update(g, st))(cfg.scale * gblk[b.role], ts.inner)
-      if weight_decay:
+      if inner_params:
+        u, inner = jax.vmap(lambda g, st, w: base.update(g, st, w))(
+            cfg.scale * gblk[b.role], sync_schedule_counts(ts.inner, s),
+            wblk[b.role].astype(jnp.float32))
+      else:
+        u, inner = jax.vmap(lambda g, st: base.update(g, st))(cfg.scale * gblk[b.role], ts.inner)
+      if has_decay:
         u = u + weight_decay * wblk[b.role].astype(jnp.float32)
       if cfg.rewarm:
         u = u * rewarm_factor(s, ts.last_relocalization, T)[:, None, None]
@@ -454,10 +473,15 @@ def scale_by_losia(
       nt_g = {k: gv.leaf(k, i) for k, i in plan.non_targets}
 
       def nt_step(nt_g, nt_w, nt_state, lr):
-        u, new_state = base.update(jax.tree.map(lambda g: g.astype(jnp.float32), nt_g), nt_state)
+        g32 = jax.tree.map(lambda g: g.astype(jnp.float32), nt_g)
+        if inner_params:
+          u, new_state = base.update(g32, sync_schedule_counts(nt_state, s),
+                                     jax.tree.map(lambda w: w.astype(jnp.float32), nt_w))
+        else:
+          u, new_state = base.update(g32, nt_state)
         out = {}
         for k, w in nt_w.items():
-          v = u[k] + weight_decay * w.astype(jnp.float32) if weight_decay else u[k]
+          v = u[k] + weight_decay * w.astype(jnp.float32) if has_decay else u[k]
           v = v if lr is None else -lr * v
           # fused path: the new weight itself, written in place; else the update
           out[k] = (w + v.astype(w.dtype)).astype(w.dtype) if fused else v.astype(w.dtype)
@@ -538,52 +562,3 @@ def scale_by_losia(
     return jax.tree_util.tree_unflatten(treedef, out), new_state
 
   return _make(init_fn, update_fn, apply_fn, plan_of, inner=base, config=cfg)
-
-
-def losia(
-    learning_rate: optax.ScalarOrSchedule,
-    config: Optional[LoSiAConfig] = None,
-    *,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
-    weight_decay: float = 0.0,
-    output_module: str = "lm_head",
-    dimension_numbers: DimensionNumbersArg = None,
-    stacked_layers: bool = False,
-) -> LoSiATransformation:
-  """LoSiA with AdamW on each target's core block: the ready optimizer.
-
-  The Adam moments live on the compact blocks (p² of AdamW's state) and restart,
-  step count included, whenever a block is re-selected; ``learning_rate`` (a
-  float or an optax schedule) is multiplied per target by the rewarm ramp;
-  ``weight_decay`` is decoupled and touches only the block of a target.
-
-  Example:
-    >>> import jax, jax.numpy as jnp, optax
-    >>> import losia_jax
-    >>> params = {"layers": [{"q_proj": {"kernel": jnp.ones((16, 16))}}]}
-    >>> cfg = losia_jax.LoSiAConfig(rank_factor=0.25, period=2)
-    >>> tx = optax.chain(optax.clip_by_global_norm(1.0), losia_jax.losia(1e-2, cfg))
-    >>> state = tx.init(params)
-    >>> grads = jax.tree.map(jnp.ones_like, params)
-    >>> updates, state = tx.update(grads, state, params)
-    >>> int((optax.apply_updates(params, updates)["layers"][0]["q_proj"]["kernel"] != 1).sum())
-    16
-
-  Args:
-    learning_rate: float or optax schedule of the step.
-    config: a :class:`LoSiAConfig`.
-    b1, b2, eps, eps_root: Adam hyper-parameters (``optax.scale_by_adam``).
-    weight_decay: decoupled weight decay (block only for targets).
-    output_module, dimension_numbers, stacked_layers: see :func:`scale_by_losia`.
-
-  References:
-    Wang, Qi, Xu, `LoSiA: Efficient High-Rank Fine-Tuning via Subnet
-    Localization and Optimization <https://arxiv.org/abs/2507.04487>`_, 2025.
-  """
-  return scale_by_losia(
-      config, optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root),
-      learning_rate=learning_rate, weight_decay=weight_decay, output_module=output_module,
-      dimension_numbers=dimension_numbers, stacked_layers=stacked_layers)
