@@ -67,6 +67,7 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "output_dir": "./losia-run",
     "resume": False,
+    "resume_from": None,
     "save_every": 50,
     "keep_checkpoints": 2,
     "max_new_tokens": None,   # task: 8; JSONL: the longest eval response (+ EOS)
@@ -144,6 +145,7 @@ class RunConfig:
   seed: int
   output_dir: str
   resume: bool
+  resume_from: Optional[str]
   save_every: int
   keep_checkpoints: int
   max_new_tokens: Optional[int]
@@ -270,6 +272,7 @@ def _comma_list(text: str) -> tuple[str, ...]:
 def build_parser() -> argparse.ArgumentParser:
   p = _Parser(
       prog=PROG, argument_default=argparse.SUPPRESS,
+      allow_abbrev=False,  # "--step 2" must not silently mean --steps (or --save-every ...)
       description="Fine-tune a causal LM with LoSiA, LoSiA-Pro, full fine-tuning or LoRA. "
       "With no arguments: LoSiA on the embedded SmolLM2-135M-Instruct, embedded "
       "arithmetic task, JAX backend, results in ./losia-run.")
@@ -283,7 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
                  help="checkpoints, metrics.jsonl, pictures, summary.json and the exported "
                  "model/ (default: ./losia-run)")
   g.add_argument("--resume", action="store_true",
-                 help="continue from the latest checkpoint in --output-dir")
+                 help="continue from the newest intact checkpoint in --output-dir (a damaged "
+                 "one is reported and skipped)")
+  g.add_argument("--resume-from", metavar="CHECKPOINT_DIR",
+                 help="continue from this checkpoint (OUTPUT_DIR/checkpoints/step-N); in its "
+                 "own run unless --output-dir is given")
   g.add_argument("--seed", type=int, help="data order and random initialization (default: 0)")
   g.add_argument("--quiet", action="store_true", help="no progress bar")
   d = p.add_argument_group("data")
@@ -442,6 +449,11 @@ def resolve_model(arg: Optional[str]) -> ModelSource:
       raise UsageError(f"argument --model: no such GGUF file: {path}")
     return ModelSource("gguf", path, f"{os.path.basename(path)} (GGUF)")
   if not os.path.exists(path):
+    if _looks_like_hub_id(arg):
+      raise UsageError(f"argument --model: no such directory: {path}; {arg!r} looks like a "
+                       "Hugging Face Hub id, but losia-finetune works offline and downloads "
+                       f"nothing: fetch it first (huggingface-cli download {arg} --local-dir "
+                       "DIR) and pass --model DIR")
     raise UsageError(f"argument --model: no such directory: {path}")
   if not os.path.isdir(path):
     raise UsageError(f"argument --model: {path} is neither a directory nor a .gguf file")
@@ -451,6 +463,11 @@ def resolve_model(arg: Optional[str]) -> ModelSource:
   if not any(n.endswith(".safetensors") for n in os.listdir(path)):
     raise UsageError(f"argument --model: {path} has no .safetensors weights")
   return ModelSource("hf", path, f"{os.path.basename(path.rstrip(os.sep))} (transformers)")
+
+
+def _looks_like_hub_id(arg: str) -> bool:
+  """``org/name`` as the Hub spells ids (a missing local path of that shape is probably one)."""
+  return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", arg) is not None
 
 
 def _losia_fields(given: dict[str, Any], v: dict[str, Any]) -> dict[str, Any]:

@@ -56,7 +56,8 @@ def load_jsonl(path: str) -> list[Example]:
   """Reads ``{"prompt": str, "response": str}`` lines; errors name ``path:line``."""
   examples = []
   try:
-    f = open(path, encoding="utf-8")
+    # utf-8-sig: a byte-order mark (Windows editors write one) is not part of line 1's JSON.
+    f = open(path, encoding="utf-8-sig")
   except OSError as e:
     raise DataError(f"cannot read data file {path}: {e.strerror or e}") from None
   with f:

@@ -36,6 +36,8 @@ from losia_jax import pro
 from losia_jax.models import (default_linear, functional, greedy_generate, load_gguf, load_hf,
                               masked_nll, save_hf)
 
+CHECKPOINT_FORMAT = 1  # backend.json "format": the layout of the Orbax tree below
+
 
 def _lr_table(s: TrainSettings) -> np.ndarray:
   """The learning rate of every step 0..total_steps, from the schedule both backends share."""
@@ -251,14 +253,24 @@ class JaxBackend:
     ckpt.wait_until_finished()
     ckpt.close()
     with open(os.path.join(directory, "backend.json"), "w", encoding="utf-8") as f:
-      json.dump({"backend": "jax", "method": self.settings.method, "step": self.step}, f)
+      json.dump({"format": CHECKPOINT_FORMAT, "backend": "jax", "method": self.settings.method,
+                 "step": self.step}, f)
 
   def restore_checkpoint(self, directory: str) -> None:
     with open(os.path.join(directory, "backend.json"), encoding="utf-8") as f:
       meta = json.load(f)
+    if not isinstance(meta, dict):
+      raise ValueError(f"{directory}/backend.json is not a JSON object")
     if meta.get("method") != self.settings.method or meta.get("backend") != "jax":
       raise ValueError(f"checkpoint {directory} was written by backend {meta.get('backend')!r} "
                        f"method {meta.get('method')!r}; this run is jax {self.settings.method!r}")
+    # The Orbax tree's layout is this module's; a checkpoint of another layout
+    # (or one without a version) would restore into the wrong leaves.
+    if meta.get("format") != CHECKPOINT_FORMAT:
+      raise ValueError(f"{directory}: checkpoint format {meta.get('format')!r} is not "
+                       f"{CHECKPOINT_FORMAT}")
+    if not isinstance(meta.get("step"), int) or meta["step"] < 0:
+      raise ValueError(f"{directory}/backend.json has no valid step")
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                           {"trainable": self._trainable_tree(), "opt_state": self.opt_state})
     ckpt = ocp.StandardCheckpointer()

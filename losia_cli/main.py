@@ -1,7 +1,9 @@
 """``losia-finetune``: the driver that ties data, a backend, evaluation and reports together.
 
-``main(argv)`` returns the exit code (0 success, 2 bad input, 1 unexpected,
-130 interrupted) and never calls ``sys.exit``, so tests can call it directly.
+``main(argv)`` returns the exit code (0 success; 2 bad input, a damaged
+checkpoint or an unusable output directory, each one line; 1 unexpected, with
+a traceback; 128 + the signal after SIGTERM/SIGINT, with a checkpoint) and
+never calls ``sys.exit``, so tests can call it directly.
 The backend (model + optimizer) is imported only when chosen, so the torch
 backend works without JAX installed and vice versa.
 """
@@ -12,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -20,6 +23,8 @@ from typing import Any, Optional
 from losia_cli import checkpoints as ck
 from losia_cli import data as D
 from losia_cli import report as R
+from losia_cli import resume as RS
+from losia_cli import signals as S
 from losia_cli import tasks
 from losia_cli.args import (PROG, HelpExit, RunConfig, UsageError,
                             build_config, default_warmup, output_dir_of, parse_flags)
@@ -27,11 +32,7 @@ from losia_cli.backend import ModelSource, TrainSettings
 
 EVAL_CHUNK = 32          # prompts per backend.generate call (progress between calls)
 SHOWN_EXAMPLES = 3
-DRIVER_FORMAT = 1
-# Settings a resumed run may change: they do not touch the training trajectory.
-SOFT_FIELDS = frozenset({"output_dir", "resume", "quiet", "plots", "export", "save_every",
-                         "keep_checkpoints", "explicit"})
-_EXCLUSIVE = (("steps", "epochs"), ("data", "task"))
+DRIVER_FORMAT = RS.DRIVER_FORMAT
 
 
 class CliError(Exception):
@@ -43,8 +44,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     return Run(parse_flags(argv)).execute()
   except HelpExit as e:
     return e.status
-  except (UsageError, CliError, D.DataError, ck.OutputDirError) as e:
+  except (UsageError, CliError, D.DataError, ck.OutputDirError, RS.ResumeError) as e:
     print(f"{PROG}: error: {e}", file=sys.stderr)
+    return 2
+  except S.Preempted as e:
+    print(f"{PROG}: {e.message}", file=sys.stderr)
+    return e.exit_code
+  except OSError as e:
+    if e.filename is None:
+      traceback.print_exc()
+      print(f"{PROG}: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+      return 1
+    # The environment (a full disk, a permission, a vanished mount), not a bug:
+    # name the path; what was saved before is intact (every write is atomic).
+    print(f"{PROG}: error: cannot write or read {e.filename}: {e.strerror or e}; fix that "
+          "(free space, permissions), then continue with --resume", file=sys.stderr)
     return 2
   except KeyboardInterrupt:
     print(f"\n{PROG}: interrupted; continue later with --resume (from the latest checkpoint)",
@@ -150,23 +164,37 @@ class Run:
   def log(self, text: str = "") -> None:
     print(text, flush=True)
 
+  def log_err(self, text: str) -> None:
+    print(f"{PROG}: {text}", file=sys.stderr, flush=True)
+
   # -- preparation --
 
   def execute(self) -> int:
+    with S.StopSignals() as self.stop:
+      return self._execute()
+
+  def _execute(self) -> int:
     t_start = R.now()
-    self.out = output_dir_of(self.given)
-    if self.given.get("resume"):
-      # The checkpoint's flags fill in what is not given now (validated together below).
-      ck.prepare_output_dir(self.out, True)
-      self.resume_from = ck.latest_checkpoint(self.out)
-      self.saved = ck.read_driver_state(self.resume_from[1])
-      self.cfg = cfg = build_config(self._merge_resumed(self.given, self.saved))
+    rf = self.given.get("resume_from")
+    if rf is not None:
+      rf = os.path.abspath(os.path.expanduser(rf))
+      self.out = output_dir_of({"output_dir": RS.output_dir_for_resume_from(
+          rf, self.given.get("output_dir"))})
     else:
-      self.cfg = cfg = build_config(self.given)  # bad flags fail before anything is created
-      ck.prepare_output_dir(self.out, False)
+      self.out = output_dir_of(self.given)
+    if self.given.get("resume") or rf is not None:
+      # The checkpoint's flags fill in what is not given now (validated together below).
+      step, path, self.saved = RS.select(self.out, rf, self.log_err)
+      self.resume_from = (step, path)
+      self.cfg = cfg = build_config(RS.merge_given(self.given, self.saved, self.out))
+    else:
+      self.cfg = cfg = build_config(self.given)  # bad flags fail before anything is looked at
+      ck.check_output_dir(self.out, False)
     t0 = R.now()
-    self.tokenizer = load_tokenizer(cfg.model)
+    # config.json first: the tokenizer loader reads it too, and would report a
+    # broken one as "could not load a tokenizer".
     max_pos, num_layers = model_facts(cfg.model)
+    self.tokenizer = load_tokenizer(cfg.model)
     _check_positions("from the model config", cfg.seq_len, max_pos)
     self.formatter = D.Formatter(self.tokenizer)
     self.timings["tokenizer_s"] = R.now() - t0
@@ -178,13 +206,17 @@ class Run:
     if self.warmup_steps > self.total_steps:
       raise CliError(f"argument --warmup-steps: {cfg.warmup_steps} is more than the run's "
                      f"{self.total_steps} steps")
+    self.model_fingerprint = RS.model_fingerprint(cfg.model)
     self.losia = None
     if cfg.uses_losia:
       if num_layers is None:
         raise CliError(f"cannot tell how many layers {cfg.model.path} has (needed for "
                        "--period auto); pass --period N")
       self.losia = cfg.losia_config_for(num_layers, self.total_steps)
-    self._check_resume_compatible()
+    if self.saved is not None:
+      RS.check_compatible(self.saved, self.resume_from[1], cfg.to_dict(),
+                          self.losia.to_dict() if self.losia else None, self.total_steps,
+                          self.data_fingerprint, self.model_fingerprint, self.out)
     settings = TrainSettings(
         method=cfg.method, losia=self.losia, lr=cfg.lr, lr_schedule=cfg.lr_schedule,
         warmup_steps=self.warmup_steps, total_steps=self.total_steps,
@@ -198,6 +230,7 @@ class Run:
     self.timings["model_load_s"] = R.now() - t0
     _check_positions("reported by the backend", cfg.seq_len, self.backend.max_positions)
     self._check_generation_fits()
+    ck.create_output_dir(self.out)  # the inputs are good: only now does the run leave traces
     self.log(self.backend.describe())
     self.tracker = R.SubnetTracker()
     if self.resume_from is not None:
@@ -216,37 +249,6 @@ class Run:
     self.timings["total_s"] = R.now() - t_start
     self._write_summary(after)
     return 0
-
-  def _merge_resumed(self, now: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
-    """The checkpoint's flags, overridden by the flags given now (compared later)."""
-    if saved.get("format") != DRIVER_FORMAT:
-      raise CliError(f"{self.resume_from[1]}: unknown driver.json format {saved.get('format')}")
-    given = dict(saved["given"])
-    for a, b in _EXCLUSIVE:  # e.g. --epochs now replaces the checkpoint's --steps
-      if a in now or b in now:
-        given.pop(a, None)
-        given.pop(b, None)
-    given.update(now)
-    given["output_dir"] = self.out
-    return given
-
-  def _check_resume_compatible(self) -> None:
-    if self.saved is None:
-      return
-    old = self.saved["config"]
-    new = self.cfg.to_dict()
-    diffs = [k for k in new if k not in SOFT_FIELDS and k != "losia" and old.get(k) != new[k]]
-    if self.saved.get("losia") != (self.losia.to_dict() if self.losia else None):
-      diffs.append("LoSiA settings")
-    if self.saved.get("total_steps") != self.total_steps:
-      diffs.append(f"total steps ({self.saved.get('total_steps')} saved, {self.total_steps} now)")
-    if self.saved.get("data") != self.data_fingerprint:
-      diffs.append("data file contents")
-    if diffs:
-      raise CliError(
-          f"--resume: the checkpoint {self.resume_from[1]} was made with different settings: "
-          f"{', '.join(sorted(set(diffs)))}; resume with the original flags (or omit them: "
-          "the checkpoint's are used), or start a new run in another --output-dir")
 
   def _load_data(self) -> None:
     cfg = self.cfg
@@ -302,17 +304,38 @@ class Run:
   def _restore(self) -> None:
     step, path = self.resume_from
     self.log(f"resuming from {path}")
-    self.backend.restore_checkpoint(path)
+    try:
+      self.backend.restore_checkpoint(path)
+    except Exception as e:  # pylint: disable=broad-except
+      # The manifest matched, so the files are as saved; what a backend refuses
+      # (another method or backend, an old format) or fails to parse is still
+      # about this checkpoint, not a bug to show a traceback for.
+      detail = " ".join(str(e).split())
+      raise RS.ResumeError(f"cannot resume from checkpoint {path}: {detail} "
+                           f"({type(e).__name__}); resume from another with --resume-from, "
+                           "or start a new run in another --output-dir") from None
     s = self.saved
     self.state = DriverState(step=s["step"], tokens_seen=s["tokens_seen"],
                              train_seconds=s["train_seconds"], elapsed_s=s["elapsed_s"],
                              eval_before=s.get("eval_before"))
     if self.backend.step != self.state.step:
-      raise CliError(f"{path}: the backend restored step {self.backend.step} but driver.json "
-                     f"says {self.state.step}; the checkpoint is inconsistent")
+      raise RS.ResumeError(f"{path}: the backend restored step {self.backend.step} but "
+                           f"driver.json says {self.state.step}; the checkpoint is inconsistent")
+    # Continuing another run's checkpoint in a new --output-dir: bring its metrics
+    # (the loss history the smoothed loss and loss.png carry on from).
+    source = RS.run_dir_of_checkpoint(path)
+    mine = os.path.join(self.out, "metrics.jsonl")
+    if source not in (None, self.out) and not os.path.exists(mine):
+      theirs = os.path.join(source, "metrics.jsonl")
+      if os.path.isfile(theirs):
+        shutil.copyfile(theirs, mine)
     subnets = os.path.join(path, "subnets.npz")
     if os.path.exists(subnets):
-      self.tracker = R.SubnetTracker.load(subnets)
+      try:
+        self.tracker = R.SubnetTracker.load(subnets)
+      except Exception as e:  # pylint: disable=broad-except
+        raise RS.ResumeError(f"cannot resume from checkpoint {path}: subnets.npz is not a "
+                             f"subnet history ({type(e).__name__}: {e})") from None
 
   def _print_plan(self) -> None:
     cfg = self.cfg
@@ -341,6 +364,7 @@ class Run:
     with tqdm(total=n, desc=f"eval {label}", unit="ex", file=sys.stderr,
               disable=self.cfg.quiet, leave=False) as bar:
       for i in range(0, n, EVAL_CHUNK):
+        self._stop_if_requested(f"during the evaluation {label} training")
         chunk = self.eval_prompts[i:i + EVAL_CHUNK]
         outs = self.backend.generate(chunk, self.max_new_tokens, self.formatter.eos_id)
         preds.extend(self.formatter.decode(o) for o in outs)
@@ -387,17 +411,39 @@ class Run:
         "config": self.cfg.to_dict(),
         "losia": self.losia.to_dict() if self.losia else None,
         "data": self.data_fingerprint,
+        "model": self.model_fingerprint,
         "backend": self.backend.name,
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
 
-  def _checkpoint(self) -> None:
+  def _checkpoint(self) -> str:
     def extra(tmp: str) -> None:
       if self.tracker.segments:
         self.tracker.save(os.path.join(tmp, "subnets.npz"))
-    ck.write_checkpoint(self.out, self.state.step, self.backend.save_checkpoint,
-                        self._driver_json(), extra)
+    try:
+      path = ck.write_checkpoint(self.out, self.state.step, self.backend.save_checkpoint,
+                                 self._driver_json(), extra)
+    except OSError as e:
+      latest = ck.latest_checkpoint(self.out)
+      kept = (f"the previous checkpoint (step {latest[0]}) is intact" if latest else
+              "no earlier checkpoint exists")
+      raise CliError(f"cannot write the step-{self.state.step} checkpoint in "
+                     f"{os.path.join(self.out, ck.CHECKPOINTS)}: {e.strerror or e}; {kept}: "
+                     "free space or fix permissions, then continue with --resume") from None
     ck.apply_retention(self.out, self.cfg.keep_checkpoints)
+    self.saved_step = self.state.step
+    return path
+
+  def _stop_if_requested(self, where: str) -> None:
+    """Raises :class:`S.Preempted` once SIGTERM/SIGINT arrived, with how to continue."""
+    if self.stop.signum is None:
+      return
+    latest = ck.latest_checkpoint(self.out)
+    how = (f"latest checkpoint: step {latest[0]}; continue with: {PROG} --resume "
+           f"--output-dir {self.out}" if latest else
+           "nothing was saved yet; run the same command again")
+    raise S.Preempted(self.stop.signum,
+                      f"stopped by {S.name(self.stop.signum)} {where}; {how}")
 
   def _train(self) -> None:
     cfg, st = self.cfg, self.state
@@ -407,9 +453,11 @@ class Run:
     if st.step >= self.total_steps:
       self.log(f"training already complete ({st.step} steps)")
       return
+    self._stop_if_requested(f"before training step {st.step + 1}")
     progress = R.Progress(self.total_steps, st.step, cfg.quiet, history)
     warned = False
     loop_start = R.now() - st.elapsed_s
+    self.saved_step = self.first_step
     try:
       with R.MetricsWriter(metrics_path) as writer:
         for k in range(st.step, self.total_steps):
@@ -441,6 +489,12 @@ class Run:
           self.records.append(rec)
           if cfg.save_every and st.step % cfg.save_every == 0 and st.step < self.total_steps:
             self._checkpoint()
+          if self.stop.signum is not None and st.step < self.total_steps:
+            # Preempted: the step is done and logged; keep it, then stop.
+            if self.saved_step != st.step:
+              self._checkpoint()
+            progress.close()
+            self._stop_if_requested(f"after step {st.step} of {self.total_steps}")
       self._checkpoint()
     finally:
       progress.close()

@@ -83,17 +83,29 @@ def truncate_metrics(path: str, step: int) -> list[dict[str, Any]]:
   return kept
 
 
+class Smoother:
+  """Bias-corrected exponential moving average, one value at a time (O(1) per value).
+
+  A non-finite value is skipped: the previous average is repeated (NaN before
+  the first finite value).
+  """
+
+  def __init__(self, factor: float = SMOOTHING):
+    self.factor, self.avg, self.n = factor, 0.0, 0
+    self.last = float("nan")
+
+  def add(self, v: Optional[float]) -> float:
+    if v is not None and math.isfinite(v):
+      self.n += 1
+      self.avg = self.factor * self.avg + (1 - self.factor) * v
+      self.last = self.avg / (1 - self.factor ** self.n)
+    return self.last
+
+
 def smooth(values: Iterable[float], factor: float = SMOOTHING) -> list[float]:
   """Bias-corrected exponential moving average (the first value is not damped)."""
-  out, avg, n = [], 0.0, 0
-  for v in values:
-    if v is None or not math.isfinite(v):
-      out.append(out[-1] if out else float("nan"))
-      continue
-    n += 1
-    avg = factor * avg + (1 - factor) * v
-    out.append(avg / (1 - factor ** n))
-  return out
+  s = Smoother(factor)
+  return [s.add(v) for v in values]
 
 
 # --- progress ----------------------------------------------------------------------------
@@ -105,13 +117,16 @@ class Progress:
     from tqdm.auto import tqdm
     self.bar = tqdm(total=total, initial=initial, desc="training", unit="step",
                     file=sys.stderr, disable=quiet, dynamic_ncols=True)
-    self._losses = [r.get("loss") for r in history]
+    # The smoothed loss carries on from the resumed history; each step then costs
+    # O(1) (recomputing it over the whole history made a run O(n^2)).
+    self._smoother = Smoother()
+    for r in history:
+      self._smoother.add(r.get("loss"))
     self._window: list[tuple[int, float]] = []
 
   def update(self, loss: float, tokens: int, seconds: float) -> tuple[float, float]:
     """Advances one step; returns ``(smoothed loss, tokens/s over the last 10 steps)``."""
-    self._losses.append(loss)
-    smoothed = smooth(self._losses)[-1]
+    smoothed = self._smoother.add(loss)
     self._window = (self._window + [(tokens, seconds)])[-10:]
     spent = sum(s for _, s in self._window)
     rate = sum(t for t, _ in self._window) / spent if spent > 0 else 0.0
