@@ -26,6 +26,7 @@ from losia_jax.transform import (LoSiAState, LoSiATransformation, ProGradients, 
                                  scale_by_losia)
 from losia_jax.alias import LoSiAStage, losia
 from losia_jax import pro
+from losia_jax.wrappers import MultiSteps, apply_gradients
 
 __all__ = [
     "FLAX_KERNEL",
@@ -39,9 +40,11 @@ __all__ = [
     "LoSiAStage",
     "LoSiAState",
     "LoSiATransformation",
+    "MultiSteps",
     "TargetSpec",
     "TargetState",
     "accumulate_importance",
+    "apply_gradients",
     "chain",
     "ends_slot",
     "find_losia_state",
