@@ -73,9 +73,12 @@ class JaxBackend:
     method = settings.method
     if method in ("losia", "losia-pro"):
       output_module = "embed_tokens" if self.config.tie_word_embeddings else "lm_head"
-      inner = losia_jax.losia(lr_fn, settings.losia, weight_decay=settings.weight_decay,
-                              output_module=output_module)
-      self.tx = losia_jax.chain(*clip, inner) if clip else inner
+      # clip_norm: the norm of the gradient values LoSiA reads, as the torch backend
+      # clips, the same for dense and Pro gradients (optax.clip_by_global_norm in
+      # front would take the full gradient's norm, or under Pro the compact one's).
+      self.tx = losia_jax.losia(lr_fn, settings.losia, weight_decay=settings.weight_decay,
+                                output_module=output_module,
+                                clip_norm=settings.max_grad_norm if clip else None)
       self.plan = self.tx.plan(self.params)  # raises when no target is found
       self.opt_state = self.tx.init(self.params)
     elif method in ("full", "lora"):

@@ -39,13 +39,14 @@ class LoSiAStage(optax.GradientTransformationExtraArgs):
 
   @property
   def options(self) -> dict[str, Any]:
-    """``config``, ``output_module``, ``dimension_numbers``, ``stacked_layers``."""
+    """``config``, ``output_module``, ``dimension_numbers``, ``stacked_layers``, ``clip_norm``."""
     return self.init.options
 
 
-def _stage(config, output_module, dimension_numbers, stacked_layers) -> LoSiAStage:
+def _stage(config, output_module, dimension_numbers, stacked_layers, clip_norm) -> LoSiAStage:
   refuse = _Refuse(dict(config=config, output_module=output_module,
-                        dimension_numbers=dimension_numbers, stacked_layers=stacked_layers))
+                        dimension_numbers=dimension_numbers, stacked_layers=stacked_layers,
+                        clip_norm=clip_norm))
   return LoSiAStage(refuse, refuse)
 
 
@@ -61,6 +62,7 @@ def losia(
     output_module: str = "lm_head",
     dimension_numbers: DimensionNumbersArg = None,
     stacked_layers: bool = False,
+    clip_norm: Optional[float] = None,
 ):
   """LoSiA with AdamW on each target's core block; or, given only a config, a LoSiA stage.
 
@@ -92,6 +94,8 @@ def losia(
     config: a :class:`LoSiAConfig`.
     b1, b2, eps, eps_root: Adam hyper-parameters (``optax.scale_by_adam``).
     weight_decay: decoupled weight decay (block only for targets).
+    clip_norm: clip by the norm of the gradient values the step reads, the
+      rule ``losia_torch`` uses (see :func:`scale_by_losia`); None: no clip.
     output_module, dimension_numbers, stacked_layers: see :func:`scale_by_losia`.
 
   References:
@@ -112,8 +116,8 @@ def losia(
           "it: losia_jax.chain(losia_jax.losia(config), optax.adamw(lr, "
           f"{', '.join(f'{k}={v!r}' for k, v in given.items())}))")
     return _stage(LoSiAConfig() if config is None else config, output_module,
-                  dimension_numbers, stacked_layers)
+                  dimension_numbers, stacked_layers, clip_norm)
   return scale_by_losia(
       config, optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root),
       learning_rate=learning_rate, weight_decay=weight_decay, output_module=output_module,
-      dimension_numbers=dimension_numbers, stacked_layers=stacked_layers)
+      dimension_numbers=dimension_numbers, stacked_layers=stacked_layers, clip_norm=clip_norm)

@@ -39,95 +39,11 @@ from losia_jax.importance import (ImportanceState, accumulate_importance, import
                                   zeros_importance)
 from losia_jax.schedule import ends_slot, rewarm_factor, slot_owner
 from losia_jax.selection import select_rows, select_subnet
+from losia_jax.state import LoSiAState, LoSiATransformation, TargetState, _make
+from losia_jax.steps import all_finite, clip_factor, product, sq_norm, tree_where
 from losia_jax.targets import Bucket, DimensionNumbersArg, LoSiAPlan, TargetSpec, make_plan
 
 Params = Any
-
-
-class TargetState(NamedTuple):
-  """State of one role's ``N`` target matrices (one per layer), stacked in layer order.
-
-  Attributes:
-    rows: int32 ``[N, k_out]``, sorted output-neuron indices of each block.
-    cols: int32 ``[N, k_in]``, sorted input-neuron indices (all ``d_in`` columns in row mode).
-    inner: the inner optimizer's state on compact ``[N, *block_shape]`` arrays
-      (block in the weight's stored layout), vmapped over ``N`` so each matrix
-      restarts on its own.
-    last_relocalization: int32 ``[N]``, the step that ended the last profiling
-      window of each matrix, ``-1`` before the first (drives rewarm).
-  """
-
-  rows: jax.Array
-  cols: jax.Array
-  inner: optax.OptState
-  last_relocalization: jax.Array
-
-
-class LoSiAState(NamedTuple):
-  """State of :func:`scale_by_losia`. Shapes never change, across relocalizations too.
-
-  Attributes:
-    count: int32, the number of applied (finite) steps, ``s`` of the spec.
-    targets: ``{role: TargetState}`` (roles: ``self_attn.q_proj``, ..., ``output``).
-    importance: fp32 profiling buffers, ``{role: ImportanceState}``. Async: one
-      matrix per role, reused by whichever layer profiles, so the memory is one
-      layer's worth. Sync: ``[N, ...]`` per role, every target at once. A
-      window's statistics start from zero at its first step (``count % period
-      == 0``); between windows the buffers still hold the last window's.
-    non_target: the inner optimizer's state on the non-target parameters
-      (``{path: array}``), or ``optax.EmptyState()`` when they are frozen.
-    notfinite_count: int32, steps skipped because a gradient value the step
-      reads was NaN or infinite.
-  """
-
-  count: jax.Array
-  targets: dict[str, TargetState]
-  importance: dict[str, ImportanceState]
-  non_target: optax.OptState
-  notfinite_count: jax.Array
-
-
-class LoSiATransformation(optax.GradientTransformationExtraArgs):
-  """An Optax transformation with LoSiA's fused path.
-
-  Besides ``init``/``update`` it carries ``apply_gradients(grads, state,
-  params) -> (params, state)``, the in-place path, and ``plan(params)``, which
-  reports the targets LoSiA found. Instances are made by :func:`scale_by_losia`,
-  :func:`losia` and :func:`chain`.
-  """
-
-  apply_gradients: Callable[..., tuple[Params, Any]]
-  plan: Callable[[Params], LoSiAPlan]
-  losia_index: int  # position of the LoSiA state in a chain's state tuple (-1: itself)
-  config: LoSiAConfig
-
-
-def _make(init, update, apply_gradients, plan, losia_index=-1, inner=None,
-          chained=(), config=None) -> LoSiATransformation:
-  tx = LoSiATransformation(init, update)
-  tx.apply_gradients = apply_gradients
-  tx.plan = plan
-  tx.config = config
-  tx.losia_index = losia_index
-  tx._inner = inner  # the inner optimizer (for state shardings)
-  tx._chained = tuple(chained)  # the transformations of a chain
-  return tx
-
-
-def _where(pred, new, old):
-  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
-
-
-def _product(w: jax.Array, g: jax.Array) -> jax.Array:
-  """``W ⊙ G`` in fp32, the ``P`` of the importance (LOSIA_SPEC.md section 3)."""
-  return w.astype(jnp.float32) * g.astype(jnp.float32)
-
-
-def _all_finite(arrays) -> jax.Array:
-  ok = jnp.array(True)
-  for a in arrays:
-    ok = ok & jnp.all(jnp.isfinite(a))
-  return ok
 
 
 def scale_by_losia(
@@ -140,6 +56,7 @@ def scale_by_losia(
     dimension_numbers: DimensionNumbersArg = None,
     stacked_layers: bool = False,
     inner_params: bool = False,
+    clip_norm: Optional[float] = None,
 ) -> LoSiATransformation:
   """LoSiA around an inner optimizer that runs on compact ``[k_out, k_in]`` blocks.
 
@@ -176,6 +93,15 @@ def scale_by_losia(
       ``embedding``: ``[out, in]``).
     stacked_layers: targets without a layer index in their path hold all layers
       along a leading axis (scan-over-layers models).
+    clip_norm: clip by the global norm of the gradient values this step reads
+      (the block of every target, the full gradients of the profiling
+      targets, trained non-targets): gradients are scaled by ``min(1,
+      clip_norm / (norm + 1e-6))``, as ``torch.nn.utils.clip_grad_norm_`` does
+      and as ``losia_torch.LoSiAOptimizer.clip_grad_norm_`` defines the norm.
+      The norm is the same for dense and for LoSiA-Pro gradients, and in both
+      backends; importance is accumulated from the clipped gradients, as in
+      torch. (``optax.clip_by_global_norm`` in front of LoSiA clips by the
+      norm of the tree it gets instead: the full gradient, or Pro's compact one.)
     inner_params: the inner optimizer is a complete optimizer (e.g.
       ``optax.adamw(lr)``): it gets the weights it updates as ``params`` (the
       block, in fp32, for targets), and its learning-rate schedule counters are
@@ -204,6 +130,10 @@ def scale_by_losia(
         or not np.isfinite(float(learning_rate)) or float(learning_rate) < 0:
       raise ValueError(
           f"`learning_rate` must be a number >= 0 or an optax schedule; got {learning_rate!r}")
+  if clip_norm is not None and not isinstance(clip_norm, jax.Array):
+    if isinstance(clip_norm, bool) or not isinstance(clip_norm, (int, float)) \
+        or not np.isfinite(clip_norm) or clip_norm <= 0:
+      raise ValueError(f"`clip_norm` must be a finite number > 0 or None; got {clip_norm!r}")
   # A Python zero skips the decay (and the gathers it needs) statically.
   has_decay = isinstance(weight_decay, jax.Array) or bool(weight_decay)
   if not isinstance(output_module, str) or not output_module:
@@ -289,32 +219,38 @@ def scale_by_losia(
     shapes = {b.role: jnp.zeros(b.first.block_shape, w_leaves[b.first.leaf_index].dtype)
               for b in plan.buckets}
 
+    zero = jnp.zeros([], jnp.float32)
+
     def branch(lid, w_leaves, g_ops):
-      blks, ok = dict(shapes), jnp.array(True)
+      blks, ok, sq = dict(shapes), jnp.array(True), zero
       for b, j, l, p in at_layer(plan, lid):
         t, ts = b.members[j], state.targets[b.role]
         w = blocks.layer_slice(w_leaves[t.leaf_index], t, l)
         g = gv.layer(g_ops, b, j, l)
         blks[b.role] = blocks.get_layer_block(w, t, ts.rows[p], ts.cols[p])
         ok = ok & jnp.all(jnp.isfinite(g))
-      return blks, ok
+        if clip_norm is not None:
+          sq = sq + sq_norm(g)
+      return blks, ok, sq
 
-    return layer_switch(plan, owner + 1, branch, lambda w, g: (dict(shapes), jnp.array(True)),
-                        w_leaves, gv.ops)
+    return layer_switch(plan, owner + 1, branch,
+                        lambda w, g: (dict(shapes), jnp.array(True), zero), w_leaves, gv.ops)
 
-  def profile(plan: LoSiAPlan, state: LoSiAState, prod_layer, w_leaf, gv, owner, finite):
+  def profile(plan: LoSiAPlan, state: LoSiAState, prod_layer, w_leaf, gv, owner, finite, coef):
     """Accumulates the importance of the profiling layer(s).
 
     ``prod_layer(b, j, l, pos, g)`` gives ``W ⊙ g`` (fp32) and ``w_leaf(b, j)`` the
     member weights, with the weights as they were *before* this step's update.
+    ``coef`` is the clip factor of the gradients (None: no clipping).
     """
+    clipped = (lambda g: g) if coef is None else (lambda g: g.astype(jnp.float32) * coef)
     importance = dict(state.importance)
     # A window starts from empty statistics: at its first step the buffer's old
     # contents (the previous window's) count as zero, inside the update itself
     # rather than by a separate reset pass.
     fresh_window = (state.count % T) == 0
     b1, b2 = cfg.importance_beta1, cfg.importance_beta2
-    upd = lambda slot, w, g: accumulate_importance(slot, _product(w, g), cfg.importance, b1, b2,
+    upd = lambda slot, w, g: accumulate_importance(slot, product(w, g), cfg.importance, b1, b2,
                                                    fresh=fresh_window)
     if is_async:
       # Only the products W ⊙ G of the owner's matrices cross the layer switch; the
@@ -328,7 +264,7 @@ def scale_by_losia(
       def branch(lid, g_ops):
         prods = dict(zero)
         for b, j, l, p in at_layer(plan, lid):
-          prods[b.role] = prod_layer(b, j, l, p, gv.layer(g_ops, b, j, l))
+          prods[b.role] = prod_layer(b, j, l, p, clipped(gv.layer(g_ops, b, j, l)))
         return prods
 
       prods = layer_switch(plan, jnp.where(finite, owner + 1, 0), branch,
@@ -347,7 +283,7 @@ def scale_by_losia(
         for j, t in enumerate(b.members):
           shape = (t.n,) + t.slice_shape
           new = upd(jax.tree.map(lambda x: span(x, b, j), slot), w_leaf(b, j).reshape(shape),
-                    g_leaves[t.leaf_index].reshape(shape))
+                    clipped(g_leaves[t.leaf_index]).reshape(shape))
           slot = jax.tree.map(lambda s, x, o=b.offsets[j]: s.at[o:o + x.shape[0]].set(x),
                               slot, new)
         imp[b.role] = slot
@@ -403,6 +339,30 @@ def scale_by_losia(
                                     put(ts.last_relocalization, step))
     return targets
 
+  def read_norm(plan: LoSiAPlan, gv, gblk, owner, owner_sq):
+    """The global L2 norm of the gradient values the step reads (see ``clip_norm``).
+
+    Async: every target's block except the profiling layer's, whose full
+    gradients (``owner_sq``) count instead. Sync: the full gradients of every
+    target in a profiling slot, the blocks otherwise. Plus trained non-targets.
+    """
+    sq = jnp.zeros([], jnp.float32)
+    if is_async:
+      for b in plan.buckets:
+        per = jnp.sum(jnp.square(gblk[b.role]), axis=tuple(range(1, gblk[b.role].ndim)))
+        m, _, p = owner_of(b, plan, owner)
+        own = (jnp.arange(b.size) == p) & (m > 0)
+        sq = sq + jnp.sum(jnp.where(own, 0.0, per))
+      sq = sq + owner_sq
+    else:
+      blocks_sq = sum(jnp.sum(jnp.square(g)) for g in gblk.values())
+      sq = sq + jax.lax.cond(owner == 0, lambda g: sum(sq_norm(g[t.leaf_index]) for t in plan.targets),
+                             lambda g: blocks_sq, gv.ops)
+    if train_non_targets:
+      for k, i in plan.non_targets:
+        sq = sq + sq_norm(gv.leaf(k, i))
+    return jnp.sqrt(sq)
+
   def prepare(grads, state: LoSiAState, params, fused: bool):
     """The update of every block and non-target, and whether the step is finite."""
     if params is None:
@@ -438,15 +398,20 @@ def scale_by_losia(
       finite = finite & jnp.all(jnp.isfinite(gblk[b.role]))
       if need_all_w:
         wblk[b.role] = gather_all(w_leaves, b, ts)
+    owner_sq = jnp.zeros([], jnp.float32)
     if is_async:
-      wown, ok = inspect_owner(plan, state, w_leaves, gv, owner)
+      wown, ok, owner_sq = inspect_owner(plan, state, w_leaves, gv, owner)
       finite = finite & ok
     if not is_async:
       finite = finite & jax.lax.cond(
-          owner == 0, lambda g: _all_finite(g[t.leaf_index] for t in plan.targets),
+          owner == 0, lambda g: all_finite(g[t.leaf_index] for t in plan.targets),
           lambda g: jnp.array(True), gv.ops)
     if train_non_targets:
-      finite = finite & _all_finite(gv.leaf(k, i) for k, i in plan.non_targets)
+      finite = finite & all_finite(gv.leaf(k, i) for k, i in plan.non_targets)
+    coef = None
+    if clip_norm is not None:
+      coef = clip_factor(read_norm(plan, gv, gblk, owner, owner_sq), clip_norm)
+      gblk = {r: g * coef for r, g in gblk.items()}
 
     deltas, targets = {}, {}
     for b in plan.buckets:
@@ -465,7 +430,7 @@ def scale_by_losia(
       # Every scatter depends on `finite`, hence on the reads above: XLA then
       # reads the old weights before overwriting them in place, without copies.
       deltas[b.role] = jnp.where(finite, step, 0.0)
-      targets[b.role] = ts._replace(inner=_where(finite, inner, ts.inner))
+      targets[b.role] = ts._replace(inner=tree_where(finite, inner, ts.inner))
 
     nt_updates, non_target = {}, state.non_target
     if train_non_targets and plan.non_targets:
@@ -474,6 +439,8 @@ def scale_by_losia(
 
       def nt_step(nt_g, nt_w, nt_state, lr):
         g32 = jax.tree.map(lambda g: g.astype(jnp.float32), nt_g)
+        if coef is not None:
+          g32 = jax.tree.map(lambda g: g * coef, g32)
         if inner_params:
           u, new_state = base.update(g32, sync_schedule_counts(nt_state, s),
                                      jax.tree.map(lambda w: w.astype(jnp.float32), nt_w))
@@ -496,14 +463,14 @@ def scale_by_losia(
       # moments makes XLA keep (copy) the old embedding-sized moments.
       nt_updates, non_target = jax.lax.cond(finite, nt_step, nt_skip, nt_g, nt_w,
                                             state.non_target, lr)
-    return dict(plan=plan, state=state, gv=gv, s=s, owner=owner, finite=finite,
+    return dict(plan=plan, state=state, gv=gv, s=s, owner=owner, finite=finite, coef=coef,
                 wblk=wblk, wown=wown, deltas=deltas, targets=targets, nt_updates=nt_updates,
                 non_target=non_target)
 
   def finish(c, prod_layer, w_leaf) -> LoSiAState:
     """Profiling and relocalization, after the blocks were updated."""
     plan, state, s, owner, finite = c["plan"], c["state"], c["s"], c["owner"], c["finite"]
-    importance = profile(plan, state, prod_layer, w_leaf, c["gv"], owner, finite)
+    importance = profile(plan, state, prod_layer, w_leaf, c["gv"], owner, finite, c["coef"])
     targets = relocalize(plan, c["targets"], importance, owner, finite & ends_slot(s, T), s)
     fin = finite.astype(jnp.int32)
     return LoSiAState(s + fin, targets, importance, c["non_target"],
@@ -524,7 +491,7 @@ def scale_by_losia(
     c = prepare(updates, state, params, fused=False)
     w_leaves = jax.tree_util.tree_leaves(params)
     new_state = finish(
-        c, lambda b, j, l, p, g: _product(
+        c, lambda b, j, l, p, g: product(
             blocks.layer_slice(w_leaves[b.members[j].leaf_index], b.members[j], l), g),
         lambda b, j: w_leaves[b.members[j].leaf_index])
     # updates take the structure of the gradients (of the params for Pro gradients)
@@ -549,8 +516,8 @@ def scale_by_losia(
     # into the product W ⊙ G (a fresh temporary), not into a copy of the weight.
     def prod_layer(b, j, l, p, g):
       t, ts = b.members[j], state.targets[b.role]
-      prod = _product(blocks.layer_slice(out[t.leaf_index], t, l), g)
-      old = _product(c["wown"][b.role], blocks.get_layer_block(g, t, ts.rows[p], ts.cols[p]))
+      prod = product(blocks.layer_slice(out[t.leaf_index], t, l), g)
+      old = product(c["wown"][b.role], blocks.get_layer_block(g, t, ts.rows[p], ts.cols[p]))
       return blocks.set_layer_block(prod, t, ts.rows[p], ts.cols[p], old)
 
     def w_leaf(b, j):

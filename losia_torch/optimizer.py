@@ -314,7 +314,9 @@ class LoSiAOptimizer(torch.optim.Optimizer):
     self.follow_parameters()
     total = torch.nn.utils.get_total_norm(self._read_grads(), norm_type, error_if_nonfinite,
                                           foreach)
-    holders = [x.grad for x in self._grad_holders() if x.grad is not None]
+    # clip_grads_with_norm_ takes the tensors whose .grad it scales (params and
+    # Pro's compact deltas), not the gradients themselves.
+    holders = [x for x in self._grad_holders() if x.grad is not None]
     torch.nn.utils.clip_grads_with_norm_(holders, max_norm, total, foreach)
     return total
 

@@ -68,11 +68,12 @@ def test_restore_refuses_another_method(source, tmp_path):
     JaxBackend(source, settings("full")).restore_checkpoint(str(tmp_path / "ck"))
 
 
-def test_pro_follows_losia_through_two_rounds(source):
-  """LoSiA-Pro == LoSiA on the real model: losses, subnets and weights (no clipping:
-  Pro's global norm is taken over the compact gradients)."""
-  s_plain = settings("losia", max_grad_norm=0.0)
-  s_pro = settings("losia-pro", max_grad_norm=0.0)
+@pytest.mark.parametrize("clip", [0.0, 0.1], ids=["unclipped", "clipped"])
+def test_pro_follows_losia_through_two_rounds(source, clip):
+  """LoSiA-Pro == LoSiA on the real model: losses, subnets and weights, also with an
+  active clip (both clip by the norm of the gradient values LoSiA reads)."""
+  s_plain = settings("losia", max_grad_norm=clip)
+  s_pro = settings("losia-pro", max_grad_norm=clip)
   a, b = JaxBackend(source, s_plain), JaxBackend(source, s_pro)
   period, slots = LOSIA.period, 3  # two layers and the output layer
   for k in range(2 * period * slots + 1):
@@ -104,14 +105,18 @@ def test_export_reloads_in_transformers_with_the_same_logits(source, tmp_path, m
       JaxBackend(source, settings(method))._export_params())(jnp.asarray(ids)))).max() > 1e-4
 
 
-def test_backends_agree_step_by_step(source):
-  """The JAX and torch backends run the same LoSiA trajectory from the same checkpoint."""
+@pytest.mark.parametrize("clip", [0.0, 0.1], ids=["unclipped", "clipped"])
+def test_backends_agree_step_by_step(source, clip):
+  """The JAX and torch backends run the same LoSiA trajectory from the same checkpoint,
+  also with an active clip (one rule: the norm of the gradient values LoSiA reads)."""
   from losia_cli.torch_backend import TorchBackend
-  s = settings("losia", max_grad_norm=0.0)
+  s = settings("losia", max_grad_norm=clip)
   j, t = JaxBackend(source, s), TorchBackend(source, s, device="cpu")
   for k in range(2 * LOSIA.period * 3):
     lj, lt = j.train_step(make_batch(k)), t.train_step(make_batch(k))
     np.testing.assert_allclose(lj["loss"], lt["loss"], rtol=2e-5)
+    if clip:
+      assert lt["grad_norm"] > clip  # the clip is active
     assert lj["lr"] == pytest.approx(lt["lr"], rel=1e-6)
     sj, st = j.subnets(), t.subnets()
     assert sj.keys() == st.keys()

@@ -37,10 +37,11 @@ def toy_loss(params, linear, ids):
   return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), ids[:, 1:, None], -1))
 
 
-def _run(use_pro, steps, non_target="freeze", fused=True, importance="param_mix"):
+def _run(use_pro, steps, non_target="freeze", fused=True, importance="param_mix", clip_norm=None):
   cfg = losia_jax.LoSiAConfig(rank_factor=0.5, period=2, output_rank_factor=0.25,
                               non_target=non_target, importance=importance)
-  tx = losia_jax.losia(3e-2, cfg, output_module="embed_tokens", weight_decay=0.01)
+  tx = losia_jax.losia(3e-2, cfg, output_module="embed_tokens", weight_decay=0.01,
+                       clip_norm=clip_norm)
   params = toy_params()
   state = tx.init(params)
   rng = np.random.default_rng(1)
@@ -70,13 +71,20 @@ def _run(use_pro, steps, non_target="freeze", fused=True, importance="param_mix"
   return params, state, np.array(losses), idx
 
 
-@pytest.mark.parametrize("non_target,fused,importance", [
-    ("freeze", True, "param_mix"), ("train", True, "param_second"), ("train", False, "param_first")])
-def test_same_trajectory_as_losia_through_two_rounds(non_target, fused, importance):
+@pytest.mark.parametrize("non_target,fused,importance,clip", [
+    ("freeze", True, "param_mix", None), ("train", True, "param_second", None),
+    ("train", False, "param_first", None),
+    ("train", True, "param_mix", 0.05), ("freeze", False, "param_mix", 0.05)])
+def test_same_trajectory_as_losia_through_two_rounds(non_target, fused, importance, clip):
+  """Pro == plain, also with an active clip_norm (both clip by the norm of the values
+  the step reads, which is the same set for dense and for compact gradients)."""
   total = L + 1  # three layers and the output layer
   steps = 2 * total * 2 + 3  # two full rounds of relocalizations (period 2), and then some
-  pa, sa, la, ia = _run(False, steps, non_target, fused, importance)
-  pb, sb, lb, ib = _run(True, steps, non_target, fused, importance)
+  pa, sa, la, ia = _run(False, steps, non_target, fused, importance, clip)
+  pb, sb, lb, ib = _run(True, steps, non_target, fused, importance, clip)
+  if clip is not None:  # the clip is active: the unclipped run goes elsewhere
+    _, _, lc, _ = _run(False, steps, non_target, fused, importance)
+    assert np.abs(lc - la).max() > 1e-3
   # every matrix relocalized twice
   assert all(int(x) >= total * 2 for t in sb.targets.values() for x in t.last_relocalization)
   assert int(sb.count) == steps

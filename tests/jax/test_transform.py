@@ -369,3 +369,40 @@ def test_fused_step_copies_no_matrix_sized_buffer(with_output):
   profiled = {"output"} if with_output else {"self_attn.q_proj", "mlp.down_proj"}
   for role, v in imp.items():
     assert (float(jnp.abs(v.ibar).sum()) > 0) == (role in profiled), role
+
+
+@pytest.mark.parametrize("schedule", ["async", "sync"])
+def test_clip_norm_is_an_unclipped_step_on_gradients_scaled_by_the_read_norm(schedule):
+  """clip_norm scales every gradient by min(1, c / (norm + 1e-6)), the norm taken over the
+  values the step reads: blocks of non-profiling targets, full gradients of profiling
+  ones, trained non-targets (computed here in NumPy from the state's indices)."""
+  from tests.jax.helpers import indices_of
+  cfg = losia_jax.LoSiAConfig(rank_factor=0.25, period=2, output_rank_factor=0.25,
+                              schedule=schedule)
+  out = dict(output_module="embed_tokens")
+  params = tiny_params()
+  plan = losia_jax.make_plan(params, cfg, **out)
+  clipped, plain = (losia_jax.losia(0.05, cfg, weight_decay=0.01, clip_norm=c, **out)
+                    for c in (0.5, None))
+  sa, sb, pa, pb = clipped.init(params), plain.init(params), params, params
+  step_a = jax.jit(lambda p, s, g: clipped.apply_gradients(g, s, p))
+  step_b = jax.jit(lambda p, s, g: plain.apply_gradients(g, s, p))
+  rng = np.random.default_rng(2)
+  for s in range(3 * 2 * plan.total):
+    g = random_grads(pa, rng)
+    leaves, idx = jax.tree_util.tree_leaves(g), indices_of(sa, plan)
+    owner = (s // cfg.period) % plan.total
+    sq = sum(float(np.sum(np.square(leaves[i]))) for _, i in plan.non_targets)
+    for t in plan.targets:
+      full = np.asarray(leaves[t.leaf_index])
+      full = full.T if t.transposed else full
+      profiling = (owner in t.layer_ids) if schedule == "async" else owner == 0
+      rows, cols = idx[t.key]
+      sq += float(np.sum(np.square(full if profiling else full[np.ix_(rows, cols)])))
+    factor = min(1.0, 0.5 / (np.sqrt(sq) + 1e-6))
+    assert factor < 1  # the clip is active
+    pa, sa = step_a(pa, sa, g)
+    pb, sb = step_b(pb, sb, jax.tree.map(lambda x: x * factor, g))
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-5, atol=1e-6), pa, pb)
+    for k, (r, c) in indices_of(sa, plan).items():
+      np.testing.assert_array_equal(r, indices_of(sb, plan)[k][0])

@@ -96,6 +96,10 @@ def test_pro_under_autocast_equals_plain_under_autocast():
 
 def _accelerate_run(pro: bool, steps=STEPS):
   import accelerate
+  from accelerate.state import AcceleratorState
+  # An earlier Trainer test in this process leaves an fp32 AcceleratorState behind;
+  # a fresh process (as a user's script is) has none.
+  AcceleratorState._reset_state(reset_partial_state=True)
   acc = accelerate.Accelerator(mixed_precision="bf16", cpu=True)
   model = _llama()
   opt = losia_torch.get_losia_optimizer(model, CFG, lr=1e-2, pro=pro, verbose=False)

@@ -394,3 +394,29 @@ def test_bad_hyperparameters_name_the_field():
 
 def test_config_is_reexported():
   assert losia_torch.LoSiAConfig is LoSiAConfig
+
+
+def test_clip_grad_norm_scales_what_the_step_reads_to_the_max_norm():
+  """An active clip really scales: afterwards the norm LoSiA reads is max_norm, every
+  gradient entry shrank by the same factor, and the step equals an unclipped step on
+  gradients pre-scaled by max_norm / (norm + 1e-6) (torch's clip factor)."""
+  torch.manual_seed(5)
+  model, twin = Toy(layers=2), Toy(layers=2)
+  twin.load_state_dict(model.state_dict())
+  cfg = LoSiAConfig(rank_factor=0.34, period=2)
+  opt = losia_torch.LoSiAOptimizer(model, cfg, lr=1e-2)
+  ref = losia_torch.LoSiAOptimizer(twin, cfg, lr=1e-2)
+  rng = np.random.default_rng(6)
+  for _ in range(5):
+    grads = random_grads(model, rng)
+    set_grads(model, grads)
+    norm = float(opt.grad_norm())
+    assert norm > 0.5
+    assert float(opt.clip_grad_norm_(0.5)) == pytest.approx(norm)
+    assert float(opt.grad_norm()) == pytest.approx(0.5, rel=1e-5)
+    factor = 0.5 / (norm + 1e-6)
+    set_grads(twin, {n: g * factor for n, g in grads.items()})
+    opt.step()
+    ref.step()
+    for (n, a), b in zip(model.named_parameters(), twin.parameters()):
+      torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=n)

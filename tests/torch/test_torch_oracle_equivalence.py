@@ -64,9 +64,12 @@ def test_matches_shared_oracle(case):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("clip", [None, 0.5], ids=["unclipped", "clipped"])
 @pytest.mark.parametrize("kw", [dict(), dict(schedule="sync", output_rank_factor=0.25)],
                          ids=["async", "sync_output"])
-def test_parity_with_losia_jax(kw):
+def test_parity_with_losia_jax(kw, clip):
+  """Same indices and weights at every step; with a clip, both clip by the norm of the
+  gradient values the step reads (torch ``opt.clip_grad_norm_``, JAX ``clip_norm``)."""
   jax = pytest.importorskip("jax")
   jnp = pytest.importorskip("jax.numpy")
   losia_jax = pytest.importorskip("losia_jax")
@@ -75,7 +78,7 @@ def test_parity_with_losia_jax(kw):
   model = Toy(layers=3)
   opt = losia_torch.LoSiAOptimizer(model, cfg, lr=0.02, weight_decay=0.01)
   params = nest({n: jnp.asarray(p.detach().numpy()) for n, p in model.named_parameters()})
-  tx = losia_jax.losia(0.02, cfg, weight_decay=0.01, output_module="lm_head")
+  tx = losia_jax.losia(0.02, cfg, weight_decay=0.01, output_module="lm_head", clip_norm=clip)
   state = tx.init(params)
   step = jax.jit(lambda p, s, g: tx.apply_gradients(g, s, p))
   from tests.jax.helpers import indices_of
@@ -87,9 +90,12 @@ def test_parity_with_losia_jax(kw):
     np.testing.assert_array_equal(rows.numpy(), jidx[t.name][0], err_msg=f"initial rows {t.name}")
     np.testing.assert_array_equal(cols.numpy(), jidx[t.name][1], err_msg=f"initial cols {t.name}")
   rng = np.random.default_rng(3)
+  clipped = 0
   for k in range(3 * T * opt.plan.total):
     grads = random_grads(model, rng)
     set_grads(model, grads)
+    if clip is not None:
+      clipped += int(opt.clip_grad_norm_(clip) > clip)
     opt.step()
     params, state = step(params, state,
                          nest({n: jnp.asarray(g, jnp.float32) for n, g in grads.items()}))
@@ -103,3 +109,4 @@ def test_parity_with_losia_jax(kw):
       rows, cols = opt.subnet(t.name)
       np.testing.assert_array_equal(rows.numpy(), jidx[t.name][0], err_msg=f"rows {t.name} step {k}")
       np.testing.assert_array_equal(cols.numpy(), jidx[t.name][1], err_msg=f"cols {t.name} step {k}")
+  assert clip is None or clipped == 3 * T * opt.plan.total  # the clip was active throughout
