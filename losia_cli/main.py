@@ -311,6 +311,8 @@ class Run:
       # (another method or backend, an old format) or fails to parse is still
       # about this checkpoint, not a bug to show a traceback for.
       detail = " ".join(str(e).split())
+      if len(detail) > 300:  # TensorStore and friends append pages of internals
+        detail = detail[:300] + " ..."
       raise RS.ResumeError(f"cannot resume from checkpoint {path}: {detail} "
                            f"({type(e).__name__}); resume from another with --resume-from, "
                            "or start a new run in another --output-dir") from None
