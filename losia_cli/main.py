@@ -11,7 +11,6 @@ backend works without JAX installed and vice versa.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -28,7 +27,8 @@ from losia_cli import signals as S
 from losia_cli import tasks
 from losia_cli.args import (PROG, HelpExit, RunConfig, UsageError,
                             build_config, default_warmup, output_dir_of, parse_flags)
-from losia_cli.backend import ModelSource, TrainSettings
+from losia_cli.backend import TrainSettings
+from losia_cli.model_files import ModelFileError, load_tokenizer, model_facts
 
 EVAL_CHUNK = 32          # prompts per backend.generate call (progress between calls)
 SHOWN_EXAMPLES = 3
@@ -44,7 +44,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     return Run(parse_flags(argv)).execute()
   except HelpExit as e:
     return e.status
-  except (UsageError, CliError, D.DataError, ck.OutputDirError, RS.ResumeError) as e:
+  except (UsageError, CliError, D.DataError, ck.OutputDirError, RS.ResumeError,
+          ModelFileError) as e:
     print(f"{PROG}: error: {e}", file=sys.stderr)
     return 2
   except S.Preempted as e:
@@ -70,47 +71,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 1
 
 
-# --- model facts needed before the backend loads ---------------------------------------------
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-
-
-def load_tokenizer(source: ModelSource):
-  """The model's tokenizer (``AutoTokenizer``, from the directory or the GGUF file)."""
-  if source.kind == "hf" and not any(
-      os.path.isfile(os.path.join(source.path, n)) for n in TOKENIZER_FILES):
-    raise CliError(f"argument --model: {source.path} has no tokenizer (none of "
-                   f"{', '.join(TOKENIZER_FILES)}); save it there with "
-                   "tokenizer.save_pretrained(DIR)")
-  import transformers
-  try:
-    if source.kind == "gguf":
-      return transformers.AutoTokenizer.from_pretrained(
-          os.path.dirname(source.path), gguf_file=os.path.basename(source.path))
-    return transformers.AutoTokenizer.from_pretrained(source.path)
-  except Exception as e:  # transformers raises OSError, ValueError, ... depending on what is missing
-    detail = " ".join(str(e).split())
-    raise CliError(f"could not load a tokenizer from {source.path}: {detail}")
-
-
-def model_facts(source: ModelSource) -> tuple[Optional[int], Optional[int]]:
-  """``(max_position_embeddings, num_hidden_layers)`` read without loading the weights."""
-  if source.kind == "hf":
-    try:
-      with open(os.path.join(source.path, "config.json"), encoding="utf-8") as f:
-        c = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-      raise CliError(f"cannot read {source.path}/config.json: {e}")
-    c = c.get("text_config", c)
-    return c.get("max_position_embeddings"), c.get("num_hidden_layers")
-  import transformers
-  try:
-    c = transformers.AutoConfig.from_pretrained(
-        os.path.dirname(source.path), gguf_file=os.path.basename(source.path))
-  except Exception as e:
-    raise CliError(f"cannot read the model configuration of {source.path}: {e}")
-  return getattr(c, "max_position_embeddings", None), getattr(c, "num_hidden_layers", None)
-
+# --- the model's files, read before the backend loads (losia_cli.model_files) -------------
 
 def make_backend(cfg: RunConfig, settings: TrainSettings):
   try:
