@@ -27,6 +27,7 @@ from losia_jax.transform import (LoSiAState, LoSiATransformation, ProGradients, 
 from losia_jax.alias import LoSiAStage, losia
 from losia_jax import pro
 from losia_jax.wrappers import MultiSteps, apply_gradients
+from losia_jax import nnx
 
 __all__ = [
     "FLAX_KERNEL",
@@ -52,6 +53,7 @@ __all__ = [
     "instant_importance",
     "losia",
     "make_plan",
+    "nnx",
     "pro",
     "rewarm_factor",
     "scale_by_losia",
