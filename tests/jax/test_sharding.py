@@ -84,6 +84,8 @@ WRAPPED = {
     "optax.MultiSteps(losia)": lambda cfg: optax.MultiSteps(losia_jax.losia(0.02, cfg), 2),
     "optax.apply_if_finite(losia)": lambda cfg: optax.apply_if_finite(
         losia_jax.losia(0.02, cfg), 3),
+    "optax.inject_hyperparams(losia)": lambda cfg: optax.inject_hyperparams(
+        losia_jax.losia, static_args=("config",))(learning_rate=0.02, config=cfg),
     "losia_jax.MultiSteps(chain(clip, losia, adamw)), fused": lambda cfg: losia_jax.MultiSteps(
         losia_jax.chain(optax.clip_by_global_norm(1.0), losia_jax.losia(cfg),
                         optax.adamw(0.02, weight_decay=0.01)), 2),
@@ -116,6 +118,8 @@ def test_state_shardings_through_optax_wrappers(name):
     assert s_sh.mini_step == rep and s_sh.gradient_step == rep
   if name.startswith("optax.apply_if_finite"):
     assert s_sh.notfinite_count == rep and s_sh.last_finite == rep
+  if name.startswith("optax.inject_hyperparams"):
+    assert s_sh.hyperparams["learning_rate"] == rep
 
   step = jax.jit(make_step())
   p1, s1 = params, tx.init(params)
