@@ -378,9 +378,11 @@ def test_bad_input_leaves_no_output_dir(tiny, fake, tmp_path, capsys):
   assert not out.exists()
 
 
-def test_abbreviated_flags_are_refused(tiny, capsys):
-  assert main_mod.main(["--model", tiny, "--step", "2"]) == 2
-  assert "--step" in one_error_line(capsys.readouterr().err)
+def test_abbreviated_flags_are_refused():
+  with pytest.raises(A.UsageError, match="unrecognized arguments: --step 2"):
+    A.parse_flags(["--step", "2"])  # with abbreviations on, this was --steps 2
+  with pytest.raises(A.UsageError, match="--save"):
+    A.parse_flags(["--save", "3"])
 
 
 def test_utf8_bom_is_accepted(tmp_path):
@@ -424,3 +426,19 @@ def test_progress_smoothing_is_constant_time(monkeypatch):
   assert p.update(1.0, 10, 0.1)[0] == expected[-2]
   assert p.update(0.5, 10, 0.1)[0] == expected[-1]
   p.close()
+
+
+def test_a_failed_write_after_training_is_one_line(tiny, fake, data_file, tmp_path,
+                                                   monkeypatch, capsys):
+  out = str(tmp_path / "o")
+  real = ck.write_json_atomic
+
+  def write(path, obj):
+    if path.endswith("summary.json"):  # the disk fills up at the very end
+      raise OSError(errno.ENOSPC, "No space left on device", path)
+    real(path, obj)
+  monkeypatch.setattr(ck, "write_json_atomic", write)
+  assert main_mod.main(flags(tiny, data_file, out)) == 2
+  line = one_error_line(capsys.readouterr().err)
+  assert os.path.join(out, "summary.json") in line and "No space left" in line, line
+  assert "--resume" in line and ck.verify_checkpoint(step_dir(out, 9)) is None
