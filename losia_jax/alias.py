@@ -39,14 +39,16 @@ class LoSiAStage(optax.GradientTransformationExtraArgs):
 
   @property
   def options(self) -> dict[str, Any]:
-    """``config``, ``output_module``, ``dimension_numbers``, ``stacked_layers``, ``clip_norm``."""
+    """``config``, ``output_module``, ``dimension_numbers``, ``stacked_layers``, ``clip_norm``,
+    ``master_weights``."""
     return self.init.options
 
 
-def _stage(config, output_module, dimension_numbers, stacked_layers, clip_norm) -> LoSiAStage:
+def _stage(config, output_module, dimension_numbers, stacked_layers, clip_norm,
+           master_weights) -> LoSiAStage:
   refuse = _Refuse(dict(config=config, output_module=output_module,
                         dimension_numbers=dimension_numbers, stacked_layers=stacked_layers,
-                        clip_norm=clip_norm))
+                        clip_norm=clip_norm, master_weights=master_weights))
   return LoSiAStage(refuse, refuse)
 
 
@@ -63,6 +65,7 @@ def losia(
     dimension_numbers: DimensionNumbersArg = None,
     stacked_layers: bool = False,
     clip_norm: Optional[float] = None,
+    master_weights: bool = False,
 ):
   """LoSiA with AdamW on each target's core block; or, given only a config, a LoSiA stage.
 
@@ -96,6 +99,8 @@ def losia(
     weight_decay: decoupled weight decay (block only for targets).
     clip_norm: clip by the norm of the gradient values the step reads, the
       rule ``losia_torch`` uses (see :func:`scale_by_losia`); None: no clip.
+    master_weights: keep an fp32 copy of the trained blocks (for bf16
+      parameters; see :func:`scale_by_losia`).
     output_module, dimension_numbers, stacked_layers: see :func:`scale_by_losia`.
 
   References:
@@ -116,8 +121,9 @@ def losia(
           "it: losia_jax.chain(losia_jax.losia(config), optax.adamw(lr, "
           f"{', '.join(f'{k}={v!r}' for k, v in given.items())}))")
     return _stage(LoSiAConfig() if config is None else config, output_module,
-                  dimension_numbers, stacked_layers, clip_norm)
+                  dimension_numbers, stacked_layers, clip_norm, master_weights)
   return scale_by_losia(
       config, optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root),
       learning_rate=learning_rate, weight_decay=weight_decay, output_module=output_module,
-      dimension_numbers=dimension_numbers, stacked_layers=stacked_layers, clip_norm=clip_norm)
+      dimension_numbers=dimension_numbers, stacked_layers=stacked_layers, clip_norm=clip_norm,
+      master_weights=master_weights)

@@ -121,10 +121,34 @@ def _leaves(tree: Any) -> list:
   return jax.tree.leaves(tree, is_leaf=lambda x: x is None or _is_sharding(x))
 
 
+def _aligned(tree: Any, sharding_tree: Any) -> list:
+  """One entry of ``sharding_tree`` per array of ``tree``, matched by key path.
+
+  A sharding tree may hold None where ``tree`` has an array (no sharding) and
+  where it has an empty subtree (``TargetState.master=None``), or one sharding
+  for a whole subtree without arrays (``optax.EmptyState``): matching by path,
+  with a sharding standing for every array below it, handles all three.
+  """
+  by_path = dict(jax.tree_util.tree_flatten_with_path(
+      sharding_tree, is_leaf=lambda x: x is None or _is_sharding(x))[0])
+  out = []
+  for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    for k in range(len(path), -1, -1):  # the array's own path, else its nearest ancestor
+      if path[:k] in by_path:
+        out.append(by_path[path[:k]])
+        break
+    else:
+      out.append(_MISSING)
+  return out
+
+
+_MISSING = object()  # an array the sharding tree says nothing about (rejected by _like)
+
+
 def _like(tree: Any, sharding_tree: Any, name: str) -> Any:
   """``sharding_tree`` checked to have one sharding per leaf of ``tree``."""
-  sh = _leaves(sharding_tree)
   n = len(jax.tree.leaves(tree))
+  sh = _aligned(tree, sharding_tree)
   if len(sh) != n or not all(_is_sharding(s) for s in sh):
     raise ValueError(f"restore: `{name}` must be a tree like the target with one "
                      f"jax.sharding.Sharding per array ({n} arrays); got {len(sh)} leaves")
@@ -134,7 +158,7 @@ def _like(tree: Any, sharding_tree: Any, name: str) -> Any:
 def _abstract(tree: Any, sharding_tree: Any) -> Any:
   """ShapeDtypeStructs of ``tree`` carrying ``sharding_tree``'s shardings (or none)."""
   leaves, treedef = jax.tree.flatten(tree)
-  sh = [None] * len(leaves) if sharding_tree is None else _leaves(sharding_tree)
+  sh = [None] * len(leaves) if sharding_tree is None else _aligned(tree, sharding_tree)
   return jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
                                       for x, s in zip(leaves, sh)])
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import optax
@@ -25,12 +25,16 @@ class TargetState(NamedTuple):
       restarts on its own.
     last_relocalization: int32 ``[N]``, the step that ended the last profiling
       window of each matrix, ``-1`` before the first (drives rewarm).
+    master: fp32 ``[N, *block_shape]``, the exact value of each block when the
+      transformation keeps master weights (``master_weights=True``, for bf16
+      parameters); the parameter holds its rounding. None otherwise.
   """
 
   rows: jax.Array
   cols: jax.Array
   inner: optax.OptState
   last_relocalization: jax.Array
+  master: Optional[jax.Array] = None
 
 
 class LoSiAState(NamedTuple):

@@ -57,6 +57,7 @@ def scale_by_losia(
     stacked_layers: bool = False,
     inner_params: bool = False,
     clip_norm: Optional[float] = None,
+    master_weights: bool = False,
 ) -> LoSiATransformation:
   """LoSiA around an inner optimizer that runs on compact ``[k_out, k_in]`` blocks.
 
@@ -102,6 +103,11 @@ def scale_by_losia(
       backends; importance is accumulated from the clipped gradients, as in
       torch. (``optax.clip_by_global_norm`` in front of LoSiA clips by the
       norm of the tree it gets instead: the full gradient, or Pro's compact one.)
+    master_weights: keep an fp32 copy of every trained block (p² of the
+      parameters, in the state) and write its rounding into the parameters,
+      so that updates smaller than the parameters' precision (bf16) add up
+      instead of being rounded away. On a relocalization the new block's copy
+      starts from the parameter's value. Non-targets keep no copy.
     inner_params: the inner optimizer is a complete optimizer (e.g.
       ``optax.adamw(lr)``): it gets the weights it updates as ``params`` (the
       block, in fp32, for targets), and its learning-rate schedule counters are
@@ -165,8 +171,12 @@ def scale_by_losia(
               np.stack([initial_indices(cfg.seed, i, t.d_in, t.k_in, "cols")
                         for i in b.identities]))
       inner = jax.vmap(base.init)(jnp.zeros((b.size,) + t.block_shape, jnp.float32))
-      targets[b.role] = TargetState(jnp.asarray(rows, jnp.int32), jnp.asarray(cols, jnp.int32),
-                                    inner, jnp.full((b.size,), -1, jnp.int32))
+      ts = TargetState(jnp.asarray(rows, jnp.int32), jnp.asarray(cols, jnp.int32),
+                       inner, jnp.full((b.size,), -1, jnp.int32))
+      if master_weights:
+        ts = ts._replace(master=gather_all(jax.tree_util.tree_leaves(params), b, ts)
+                         .astype(jnp.float32))
+      targets[b.role] = ts
       slot_shape = t.slice_shape if is_async else (b.size,) + t.slice_shape
       importance[b.role] = zeros_importance(slot_shape)
     leaves = jax.tree_util.tree_leaves(params)
@@ -188,6 +198,12 @@ def scale_by_losia(
   def span(x, b: Bucket, j: int):
     """The rows of a bucket-stacked array that belong to member ``j``."""
     return x[b.offsets[j]:b.offsets[j] + b.members[j].n]
+
+  def gather_all(leaves, b: Bucket, ts: TargetState):
+    """The blocks of every member of ``b`` (``[N, *block_shape]``) from ``leaves``."""
+    parts = [blocks.gather_block(leaves[t.leaf_index], t, span(ts.rows, b, j),
+                                 span(ts.cols, b, j)) for j, t in enumerate(b.members)]
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
 
   def owner_of(b: Bucket, plan: LoSiAPlan, owner):
     member, local, pos = (jnp.asarray(a) for a in b.tables(plan.total))
@@ -315,7 +331,7 @@ def scale_by_losia(
           rows, cols = jax.vmap(lambda sc, t=t: choose(t, sc))(importance_score(importance[b.role]))
           fresh = jax.vmap(lambda _, b=b: fresh_inner(b))(jnp.arange(b.size))
           out[b.role] = TargetState(rows, cols.reshape(ts.cols.shape), fresh,
-                                    jnp.full_like(ts.last_relocalization, step))
+                                    jnp.full_like(ts.last_relocalization, step), ts.master)
         return out
 
       return jax.lax.cond(do & (owner == 0), run_all, lambda t, i: dict(t), targets, importance)
@@ -336,7 +352,7 @@ def scale_by_losia(
       rows, cols = new_idx[b.role]
       targets[b.role] = TargetState(put(ts.rows, rows), put(ts.cols, cols),
                                     jax.tree.map(put, ts.inner, fresh_inner(b)),
-                                    put(ts.last_relocalization, step))
+                                    put(ts.last_relocalization, step), ts.master)
     return targets
 
   def read_norm(plan: LoSiAPlan, gv, gblk, owner, owner_sq):
@@ -382,12 +398,7 @@ def scale_by_losia(
     lr = lr_at(s)
     # Old blocks of every matrix are needed for weight decay, and in sync mode
     # to restore "weights before the step" for profiling after the scatter.
-    need_all_w = has_decay or inner_params or not is_async
-
-    def gather_all(leaves, b, ts):
-      parts = [blocks.gather_block(leaves[t.leaf_index], t, span(ts.rows, b, j),
-                                   span(ts.cols, b, j)) for j, t in enumerate(b.members)]
-      return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+    need_all_w = has_decay or inner_params or master_weights or not is_async
 
     gblk, wblk, wown = {}, {}, {}
     finite = jnp.array(True)
@@ -413,17 +424,19 @@ def scale_by_losia(
       coef = clip_factor(read_norm(plan, gv, gblk, owner, owner_sq), clip_norm)
       gblk = {r: g * coef for r, g in gblk.items()}
 
-    deltas, targets = {}, {}
+    deltas, targets, masters = {}, {}, {}
     for b in plan.buckets:
       ts = state.targets[b.role]
+      # the block's current value: its exact copy, or the parameter
+      w_now = ts.master if master_weights else wblk.get(b.role)
       if inner_params:
         u, inner = jax.vmap(lambda g, st, w: base.update(g, st, w))(
             cfg.scale * gblk[b.role], sync_schedule_counts(ts.inner, s),
-            wblk[b.role].astype(jnp.float32))
+            w_now.astype(jnp.float32))
       else:
         u, inner = jax.vmap(lambda g, st: base.update(g, st))(cfg.scale * gblk[b.role], ts.inner)
       if has_decay:
-        u = u + weight_decay * wblk[b.role].astype(jnp.float32)
+        u = u + weight_decay * w_now.astype(jnp.float32)
       if cfg.rewarm:
         u = u * rewarm_factor(s, ts.last_relocalization, T)[:, None, None]
       step = u if lr is None else -lr * u
@@ -431,6 +444,8 @@ def scale_by_losia(
       # reads the old weights before overwriting them in place, without copies.
       deltas[b.role] = jnp.where(finite, step, 0.0)
       targets[b.role] = ts._replace(inner=tree_where(finite, inner, ts.inner))
+      if master_weights:
+        masters[b.role] = ts.master + deltas[b.role]
 
     nt_updates, non_target = {}, state.non_target
     if train_non_targets and plan.non_targets:
@@ -464,40 +479,64 @@ def scale_by_losia(
       nt_updates, non_target = jax.lax.cond(finite, nt_step, nt_skip, nt_g, nt_w,
                                             state.non_target, lr)
     return dict(plan=plan, state=state, gv=gv, s=s, owner=owner, finite=finite, coef=coef,
-                wblk=wblk, wown=wown, deltas=deltas, targets=targets, nt_updates=nt_updates,
+                wblk=wblk, wown=wown, deltas=deltas, masters=masters, targets=targets,
+                nt_updates=nt_updates,
                 non_target=non_target)
 
-  def finish(c, prod_layer, w_leaf) -> LoSiAState:
-    """Profiling and relocalization, after the blocks were updated."""
+  def finish(c, prod_layer, w_leaf, new_blocks) -> LoSiAState:
+    """Profiling and relocalization, after the blocks were updated.
+
+    ``new_blocks(b, ts)`` reads the blocks ``ts`` indexes from the updated
+    weights (for the master copies of blocks that just moved).
+    """
     plan, state, s, owner, finite = c["plan"], c["state"], c["s"], c["owner"], c["finite"]
     importance = profile(plan, state, prod_layer, w_leaf, c["gv"], owner, finite, c["coef"])
     targets = relocalize(plan, c["targets"], importance, owner, finite & ends_slot(s, T), s)
+    if master_weights:
+      for b in plan.buckets:
+        ts = targets[b.role]
+        moved = (ts.last_relocalization == s)[:, None, None]
+        fresh = new_blocks(b, ts).astype(jnp.float32)
+        targets[b.role] = ts._replace(master=jnp.where(moved, fresh, c["masters"][b.role]))
     fin = finite.astype(jnp.int32)
     return LoSiAState(s + fin, targets, importance, c["non_target"],
                       state.notfinite_count + (1 - fin))
 
-  def write(c, leaves, write_block):
-    """New leaves: each member's span of its bucket's delta written by ``write_block``."""
+  def write(c, leaves, write_block, payload):
+    """New leaves: each member's span of ``payload[role]`` written by ``write_block``."""
     out = list(leaves)
     for b in c["plan"].buckets:
       ts = c["state"].targets[b.role]  # this step used the indices from before relocalization
       for j, t in enumerate(b.members):
         out[t.leaf_index] = write_block(leaves[t.leaf_index], t, span(ts.rows, b, j),
-                                        span(ts.cols, b, j), span(c["deltas"][b.role], b, j))
+                                        span(ts.cols, b, j), span(payload[b.role], b, j))
     return out
+
+  def rounded_masters(c, leaves):
+    """Master weights: the new blocks are the copies rounded to the parameter dtype."""
+    return {b.role: c["masters"][b.role].astype(leaves[b.first.leaf_index].dtype)
+            for b in c["plan"].buckets}
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
     c = prepare(updates, state, params, fused=False)
     w_leaves = jax.tree_util.tree_leaves(params)
+    if master_weights:  # the update that takes each block to its rounded copy
+      payload = {r: m - c["wblk"][r] for r, m in rounded_masters(c, w_leaves).items()}
+    else:
+      payload = c["deltas"]
+    out = write(c, w_leaves, blocks.scatter_block, payload)
+
+    def new_blocks(b, ts):  # what optax.apply_updates will make of the blocks
+      return gather_all(w_leaves, b, ts) + gather_all(out, b, ts)
+
     new_state = finish(
         c, lambda b, j, l, p, g: product(
             blocks.layer_slice(w_leaves[b.members[j].leaf_index], b.members[j], l), g),
-        lambda b, j: w_leaves[b.members[j].leaf_index])
+        lambda b, j: w_leaves[b.members[j].leaf_index], new_blocks)
     # updates take the structure of the gradients (of the params for Pro gradients)
     treedef = jax.tree_util.tree_structure(params if isinstance(updates, ProGradients)
                                            else updates)
-    out = write(c, w_leaves, blocks.scatter_block)
     for k, i in c["plan"].non_targets:
       out[i] = c["nt_updates"].get(k, jnp.zeros_like(w_leaves[i]))
     return jax.tree_util.tree_unflatten(treedef, out), new_state
@@ -505,7 +544,10 @@ def scale_by_losia(
   def apply_fn(grads, state, params):
     c = prepare(grads, state, params, fused=True)
     leaves, treedef = jax.tree_util.tree_flatten(params)
-    out = write(c, leaves, blocks.add_block)
+    if master_weights:
+      out = write(c, leaves, blocks.set_block, rounded_masters(c, leaves))
+    else:
+      out = write(c, leaves, blocks.add_block, c["deltas"])
     for k, i in c["plan"].non_targets:
       if k in c["nt_updates"]:
         out[i] = c["nt_updates"][k]  # already the new weight
@@ -525,7 +567,7 @@ def scale_by_losia(
       return blocks.set_block(out[t.leaf_index], t, span(ts.rows, b, j), span(ts.cols, b, j),
                               span(c["wblk"][b.role], b, j))
 
-    new_state = finish(c, prod_layer, w_leaf)
+    new_state = finish(c, prod_layer, w_leaf, lambda b, ts: gather_all(out, b, ts))
     return jax.tree_util.tree_unflatten(treedef, out), new_state
 
   return _make(init_fn, update_fn, apply_fn, plan_of, inner=base, config=cfg)

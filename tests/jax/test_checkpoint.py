@@ -126,7 +126,8 @@ def test_restore_written_on_8_devices_onto_4_and_onto_1(saved_on_8):
     _, p, s = checkpoint.restore(manager, params, tx, **kw)
     assert _same_values((p, s), saved), kw
     got = jax.tree.leaves(jax.tree.map(lambda x: x.sharding, (p, s)))
-    assert got == jax.tree.leaves((p_sh4, s_sh4), is_leaf=lambda x: isinstance(x, NamedSharding))
+    # (state_shardings may give one sharding for an array-less subtree: match by path)
+    assert got == checkpoint._aligned((p, s), (p_sh4, s_sh4))
   # ... and it trains there: a step on the 4-device mesh equals the step on 8
   g = random_grads(params, np.random.default_rng(9))
   step4 = jax.jit(lambda p, s, g: tx.apply_gradients(g, s, p), in_shardings=(p_sh4, s_sh4, p_sh4))
