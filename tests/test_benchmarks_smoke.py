@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -72,3 +73,120 @@ def test_peers_tiny_run_reports_every_method(tmp_path):
   for res in doc["results"].values():
     rows = res["rows"]
     assert rows["losia (non_target=train)"]["opt_state_bytes"] > rows["losia"]["opt_state_bytes"]
+
+
+# --- benchmarks/gpu.py: the GPU run's dry run on the CPU ---------------------------------------
+
+GPU_SCRIPT = os.path.join(ROOT, "benchmarks", "gpu.py")
+RESULTS_MD = os.path.join(ROOT, "benchmarks", "RESULTS.md")
+
+
+def _gpu_module():
+  return load_script("gpu_under_test", GPU_SCRIPT)
+
+
+def test_gpu_step_flops_of_the_7b_shape():
+  """The FLOP model behind the MFU column, against the 6 N P rule of thumb."""
+  gpu = _gpu_module()
+  c = gpu.LLAMA2_7B
+  specs = {s["name"]: s for s in gpu.method_specs(c)}
+  f = {n: gpu.step_flops(c, 4, 2048, s) for n, s in specs.items()}
+  n_tok, matrices = 4 * 2048, 32 * 202_375_168 + 2 * 32000 * 4096  # decoder + embed/lm_head
+  dense = 6 * n_tok * (matrices - 32000 * 4096)  # the embedding lookup is no matmul
+  attn = 32 * 3 * 2 * 4 * 2048 * 2048 * 4096  # causal: fwd 2 B S^2 h, bwd twice that
+  assert f["full"] == pytest.approx(dense + attn, rel=1e-9)
+  # LoRA and LoSiA-Pro skip the frozen weights' gradients: about 2/3 of full, Pro a bit more
+  assert f["lora r=8"] < f["losia-pro"] < f["full"]
+  assert f["losia"] == f["losia-pro"]  # what the method needs, whatever it computes
+  assert 0.6 < f["losia-pro"] / f["full"] < 0.72
+  assert set(specs) >= {"lora r=8", "losia-pro", "losia", "full"}
+  assert any(s.get("matched") for s in specs.values())
+
+
+def test_gpu_section_replaces_only_its_own_block(tmp_path):
+  gpu = _gpu_module()
+  md = tmp_path / "R.md"
+  md.write_text("# title\n\nbody\n")
+  gpu.insert_section(str(md), f"{gpu.BEGIN}\nfirst\n{gpu.END}\n")
+  gpu.insert_section(str(md), f"{gpu.BEGIN}\nsecond\n{gpu.END}\n")
+  text = md.read_text()
+  assert text.startswith("# title\n\nbody\n") and text.count(gpu.BEGIN) == 1
+  assert "second" in text and "first" not in text
+  md.write_text(text + "\nafter\n")  # text below the section stays too
+  gpu.insert_section(str(md), f"{gpu.BEGIN}\nthird\n{gpu.END}\n")
+  assert md.read_text().endswith(f"{gpu.END}\n\nafter\n") and "second" not in md.read_text()
+
+
+@pytest.mark.slow
+def test_gpu_dry_run_checks_benchmarks_and_writes_the_section(tmp_path):
+  """``gpu.py --dry-run``: both backends' device checks (the CPU standing in for the GPU),
+  the benchmark rows with FLOPs, MFU and the targets, and the markdown section in a copy
+  of RESULTS.md; the committed RESULTS.md is not touched."""
+  with open(RESULTS_MD, encoding="utf-8") as f:
+    committed = f.read()
+  md, out = tmp_path / "RESULTS.md", tmp_path / "gpu.json"
+  md.write_text(committed)
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  methods = ["lora r=8", "losia-pro"]
+  subprocess.run(
+      [sys.executable, GPU_SCRIPT, "--dry-run", "--layers", "1", "--methods", ",".join(methods),
+       "--peak-tflops", "1", "--json", str(out), "--md", str(md)],
+      check=True, cwd=ROOT, env=env, timeout=300)
+  with open(RESULTS_MD, encoding="utf-8") as f:
+    assert f.read() == committed
+  gpu = _gpu_module()
+  doc = json.loads(out.read_text())
+  assert doc["partial"] is None and set(doc["results"]) == {"torch", "jax"}
+  for backend, res in doc["results"].items():
+    assert res["status"] == "finished" and res["error"] is None, (backend, res["status"])
+    assert len(res["checks"]) == (3 if backend == "torch" else 2)
+    assert all(ch["passed"] for ch in res["checks"]), res["checks"]
+    bench = res["bench"]
+    assert (bench["layers"], bench["batch"], bench["seq"]) == (1, 1, 16)
+    assert list(bench["rows"]) == methods and not bench["skipped"]
+    for name, row in bench["rows"].items():
+      assert "error" not in row, (backend, name, row.get("error"))
+      assert len(row["times_s"]) == 2, (backend, name)
+      for k in ("median_s", "peak_bytes", "tflop", "mfu", "ratio_best_lora", "trainable_params"):
+        assert _finite(row[k]) and row[k] > 0, (backend, name, k)
+      if backend == "jax":
+        assert _finite(row["compile_s"]) and _finite(row["gflops"]), (backend, name)
+    assert bench["best_lora"] == "lora r=8"
+    assert set(res["targets"]) == {"pro_vs_best_lora", "peak_pro_vs_lora", "pro_mfu"}
+    for t in res["targets"].values():
+      assert _finite(t["value"]) and isinstance(t["met"], bool), (backend, t)
+  text = md.read_text()
+  assert text.startswith(committed) and text.count(gpu.BEGIN) == 1
+  block = text[text.index(gpu.BEGIN):]
+  assert block.rstrip().endswith(gpu.END)
+  for needle in ("### Correctness on the device", "### Training step", "### Targets",
+                 "LoSiA-Pro step / best LoRA step", "**torch**: 1 layers", "**jax**: 1 layers"):
+    assert needle in block, needle
+  assert "**FAIL**" not in block
+
+
+def test_gpu_bench_loop_halves_the_batch_and_keeps_to_the_deadline(tmp_path):
+  """The first method not fitting halves the batch; later methods are skipped when the
+  time left is shorter than the longest method took; the file is rewritten as it goes."""
+  workers = load_script("gpu_workers_under_test",
+                        os.path.join(ROOT, "benchmarks", "gpu_workers.py"))
+  names = ["lora r=8", "losia-pro", "losia", "full"]
+  calls = []
+
+  def run_method(spec, job):
+    calls.append((spec["name"], job["batch"]))
+    if job["batch"] > 2:
+      raise MemoryError("does not fit: XLA needs 200 GiB")
+    if spec["name"] == "losia-pro":
+      time.sleep(0.2)
+    return {"method": spec["name"], "times_s": [0.1]}
+
+  rec = workers.Recorder(str(tmp_path / "w.json"), "fake")
+  job = {"batch": 8, "seq": 16, "config": {"num_hidden_layers": 1},
+         "methods": [{"name": n, "method": n} for n in names], "deadline": time.time() + 0.1}
+  workers.bench_loop(rec, job, run_method)
+  bench = json.loads((tmp_path / "w.json").read_text())["bench"]
+  assert calls == [("lora r=8", 8), ("lora r=8", 4), ("lora r=8", 2), ("losia-pro", 2)]
+  assert bench["batch"] == 2 and [a["batch"] for a in bench["batch_attempts"]] == [8, 4]
+  assert list(bench["rows"]) == ["lora r=8", "losia-pro"]
+  assert set(bench["skipped"]) == {"losia", "full"}
