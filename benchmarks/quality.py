@@ -49,6 +49,8 @@ import quality_report  # noqa: E402  (benchmarks/ is not a package)
 JSON_PATH = os.path.join(HERE, "quality.json")
 REPORT_PATH = os.path.join(ROOT, "docs", "QUALITY.md")
 RUNS_DIR = os.path.join(HERE, "quality-runs")
+# Hand-written findings (the investigation of the measured numbers), included in the report.
+FINDINGS_PATH = os.path.join(HERE, "quality_findings.md")
 SINGLE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                  "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"}
 
@@ -89,12 +91,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     "quick": {"tasks": ["arithmetic"], "methods": ["full", "lora-r8", "losia"], "steps": 80,
               "seeds": [0], "ablate": [], "continual": False, "n_val": 48, "n_test": 96,
               "n_capitals": 40, "ppl_chunks": 4, "ppl_len": 128, "pro_sweep": False},
-    "full": {"tasks": ["arithmetic", "cities"], "methods": list(METHODS), "steps": 120,
+    "full": {"tasks": ["arithmetic", "cities"], "methods": list(METHODS), "steps": 100,
              "seeds": [0, 1, 2], "ablate": list(ABLATION_GROUPS), "continual": True,
              "n_val": 64, "n_test": 160, "n_capitals": 80, "ppl_chunks": 8, "ppl_len": 128,
              "pro_sweep": False},
 }
 CONTINUAL_METHODS = ("full", "lora-r8", "losia")
+# For --dry-run's estimate before any run is done: one SmolLM2 step of 8 x 64 tokens on one
+# idle CPU core (LoSiA, torch; full fine-tuning is slower, LoRA faster), and the per-run
+# model load, export and evaluation.
+DEFAULT_S_PER_STEP = 5.5
+RUN_OVERHEAD_S = 90
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +166,9 @@ class Harness:
         pass
     commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
                             capture_output=True, text=True).stdout.strip()
+    if not commit and os.path.exists(os.path.join(ROOT, "COMMIT")):  # a `git archive` snapshot
+      with open(os.path.join(ROOT, "COMMIT"), encoding="utf-8") as f:
+        commit = f.read().strip()[:7] + " (snapshot)"
     self.state["sittings"].append({
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": "python benchmarks/quality.py " + shlex.join(argv),
@@ -421,7 +431,8 @@ class Harness:
     self.save()
 
   def report(self) -> None:
-    quality_report.write(self.state, self.o.report, vars(self.o), METHODS, ABLATIONS)
+    quality_report.write(self.state, self.o.report, vars(self.o), METHODS, ABLATIONS,
+                         notes=FINDINGS_PATH)
     print(f"wrote {self.o.report}", flush=True)
 
 
@@ -496,9 +507,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     h.report()
     return 0
   if o.dry_run:
-    for r in h.sweep() + h.later():
+    runs = h.sweep() + h.later()
+    for r in runs:
       print(("done  " if h.done(r) else "todo  ") + r.key)
     print("(seed, ablation and continual runs appear once the sweeps they need are done)")
+    todo = [r for r in runs if not h.done(r)]
+    done = list(h.state["runs"].values())
+    per_step = (sum(r["s_per_step"] for r in done) / len(done)) if done else DEFAULT_S_PER_STEP
+    cpu_s = sum(r.steps * per_step + RUN_OVERHEAD_S for r in todo)
+    print(f"{len(todo)} of {len(runs)} planned runs to do: about {cpu_s / 3600:.1f} CPU-hours at "
+          f"{per_step:.1f} s/step + {RUN_OVERHEAD_S} s each (load, export, evaluation), "
+          f"{cpu_s / 3600 / o.jobs:.1f} h with --jobs {o.jobs}")
     return 0
   h.record_sitting(argv)
   for task in o.tasks:

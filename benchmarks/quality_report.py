@@ -119,7 +119,8 @@ def _pictures(state, docs: str, tasks: list[str], labels: list[str]) -> list[str
   return files
 
 
-def write(state: dict[str, Any], path: str, opts: dict[str, Any], methods, ablations) -> None:
+def write(state: dict[str, Any], path: str, opts: dict[str, Any], methods, ablations,
+          notes: str = "") -> None:
   docs = os.path.dirname(os.path.abspath(path))
   os.makedirs(docs, exist_ok=True)
   tasks = list(opts["tasks"])
@@ -132,6 +133,9 @@ def write(state: dict[str, Any], path: str, opts: dict[str, Any], methods, ablat
       "`losia-finetune` (the CLI's backends) with the same data order (seed), steps, batch and "
       "sequence length; learning rates are chosen on the validation split, scores reported on "
       "the test split, which takes part in no choice.\n")
+  if notes and os.path.exists(notes):
+    with open(notes, encoding="utf-8") as f:
+      add(f.read().rstrip() + "\n")
   add("## Sittings (machine, versions, commands)\n")
   add("| date | machine | device | commit | versions | command |")
   add("|---|---|---|---|---|---|")
