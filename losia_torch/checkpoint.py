@@ -66,21 +66,25 @@ def state_dict(opt, base_state_dict) -> dict[str, Any]:
   return sd
 
 
-def load_state_dict(opt, state_dict: dict[str, Any], base_load_state_dict) -> None:
-  sd = dict(state_dict)
-  extra = sd.pop("losia", None)
-  if not isinstance(extra, dict):
-    raise ValueError("not a LoSiAOptimizer state dict: it has no 'losia' entry")
-  saved_cfg = extra.get("config", {})
+def check_compatible(opt, saved_cfg: dict, saved_targets) -> None:
+  """Raises ``ValueError`` naming the fields if the saved config or targets differ."""
   diff = sorted(k for k, v in opt.config.to_dict().items() if saved_cfg.get(k) != v)
   if diff:
     raise ValueError("the saved LoSiA state was made with a different config; fields "
                      + ", ".join(f"{k} (saved {saved_cfg.get(k)!r}, now "
                                  f"{getattr(opt.config, k)!r})" for k in diff))
   names = [t.name for t in opt.plan.targets]
-  if list(extra.get("targets", [])) != names:
+  if list(saved_targets) != names:
     raise ValueError("the saved LoSiA state has different targets: saved "
-                     f"{extra.get('targets')}, now {names}")
+                     f"{saved_targets}, now {names}")
+
+
+def load_state_dict(opt, state_dict: dict[str, Any], base_load_state_dict) -> None:
+  sd = dict(state_dict)
+  extra = sd.pop("losia", None)
+  if not isinstance(extra, dict):
+    raise ValueError("not a LoSiAOptimizer state dict: it has no 'losia' entry")
+  check_compatible(opt, extra.get("config", {}), extra.get("targets", []))
   saved_state = sd.get("state", {})
   sd["state"] = {}
   handles = list(opt._pro.values())

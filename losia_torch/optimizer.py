@@ -24,6 +24,7 @@ import torch
 from losia_common import LoSiAConfig
 from losia_common.subnet import initial_indices
 from losia_torch import checkpoint as _ckpt
+from losia_torch import fsdp as _fsdp
 from losia_torch import pro as _pro
 from losia_torch import schedule as _sched
 from losia_torch.adam import adam_directions, adam_update_large
@@ -166,8 +167,12 @@ class LoSiAOptimizer(torch.optim.Optimizer):
     self._importance: dict[str, ImportanceSlot] = {}
     self._pro: dict[int, Any] = {}  # id(param) -> losia_torch.pro.ProHandle
     self._layerwise = None  # losia_torch.layerwise.LayerwiseState when stepping in backward
+    # FSDP2 (fully_shard): DTensor parameters; the step works on local shards (fsdp.py)
+    self._fsdp = _fsdp.FSDPState(self) if _fsdp.any_sharded(
+        p for g in self.param_groups for p in g["params"]) else None
     for t in plan.targets:
-      self.state[t.param].update(self._initial_target_state(t))
+      self.state[t.param].update(self._initial_target_state(t) if self._fsdp is None
+                                 else _fsdp.initial_target_state(self, t))
 
   # --- per-target state --------------------------------------------------------
 
@@ -291,6 +296,8 @@ class LoSiAOptimizer(torch.optim.Optimizer):
 
   def grad_norm(self, norm_type: float = 2.0) -> torch.Tensor:
     """The norm :meth:`clip_grad_norm_` clips by, without clipping."""
+    if self._fsdp is not None:
+      return _fsdp.grad_norm(self, norm_type)
     self.follow_parameters()
     return torch.nn.utils.get_total_norm(self._read_grads(), norm_type)
 
@@ -311,6 +318,8 @@ class LoSiAOptimizer(torch.optim.Optimizer):
           "clip_grad_norm_ cannot work with per-layer stepping: each parameter is updated "
           "inside backward and its gradient freed before a global norm exists. Call "
           "disable_per_layer_step() to clip.")
+    if self._fsdp is not None:
+      return _fsdp.clip_grad_norm_(self, max_norm, norm_type, error_if_nonfinite)
     self.follow_parameters()
     total = torch.nn.utils.get_total_norm(self._read_grads(), norm_type, error_if_nonfinite,
                                           foreach)
@@ -383,6 +392,9 @@ class LoSiAOptimizer(torch.optim.Optimizer):
     if self._layerwise is not None:
       from losia_torch.layerwise import finish_step
       finish_step(self)
+      return loss
+    if self._fsdp is not None:
+      _fsdp.step(self)
       return loss
     self.follow_parameters()
     s = self.losia_step
@@ -522,7 +534,11 @@ class LoSiAOptimizer(torch.optim.Optimizer):
     parameter's dtype (bf16 holds integers exactly only up to 256). LoSiA-Pro's
     delta leaves are not part of it (see ``losia_torch.checkpoint``).
     """
+    if self._fsdp is not None:
+      return _fsdp.state_dict(self, super().state_dict)
     return _ckpt.state_dict(self, super().state_dict)
 
   def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    if self._fsdp is not None:
+      return _fsdp.load_state_dict(self, state_dict, super().load_state_dict)
     _ckpt.load_state_dict(self, state_dict, super().load_state_dict)

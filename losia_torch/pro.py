@@ -183,6 +183,9 @@ def enable_pro(model: torch.nn.Module, optimizer) -> list[str]:
     NotImplementedError: under ``torch.distributed`` with more than one process.
     ValueError: naming the targets whose owner is neither ``nn.Linear`` nor ``Conv1D``.
   """
+  if optimizer._fsdp is not None:
+    from losia_torch.fsdp import PRO_MESSAGE
+    raise NotImplementedError(PRO_MESSAGE)
   if torch.distributed.is_available() and torch.distributed.is_initialized() \
       and torch.distributed.get_world_size() > 1:
     raise NotImplementedError(
