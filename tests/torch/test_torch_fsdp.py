@@ -5,8 +5,9 @@ every batch. Checked against a single process on the combined batch: the same
 indices of every target after every step (two relocalizations of every layer and
 of the output layer), the same clip norms, the same weights within 1e-5. Also: a
 distributed-checkpoint (DCP) save in the middle of a profiling window resumes bit
-for bit; LoSiA-Pro is refused naming the reason; per-rank optimizer state is
-measured against AdamW under FSDP2.
+for bit (live importance buffers included); a NaN in one rank's gradient shard
+skips the step on every rank; LoSiA-Pro is refused naming the reason; per-rank
+optimizer state is measured against AdamW under FSDP2.
 """
 
 import os
@@ -97,6 +98,7 @@ def _worker(rank, world, init_file, out_dir):
     opt = losia_torch.get_losia_optimizer(model, CFG, lr=1e-2, weight_decay=0.01,
                                           verbose=False)
     _train(model, opt, shards[:HALF])
+    saved_importance = {k: (v.ibar.clone(), v.ubar.clone()) for k, v in opt._importance.items()}
     ckpt = os.path.join(out_dir, "dcp")
     dcp.save({"model": get_model_state_dict(model), "optim": opt.state_dict()},
              checkpoint_id=ckpt)
@@ -108,21 +110,34 @@ def _worker(rank, world, init_file, out_dir):
     set_model_state_dict(model, state["model"])
     opt.load_state_dict(state["optim"])
     live = sorted(opt._importance)
+    importance_back = sorted(saved_importance) == live and all(
+        torch.equal(opt._importance[k].ibar, i) and torch.equal(opt._importance[k].ubar, u)
+        for k, (i, u) in saved_importance.items())
     resumed_log = _train(model, opt, shards[HALF:])
     resumed = _full(model)
-    # 3. LoSiA-Pro is refused
+    # 3. a NaN in one rank's shard of a gradient: every rank skips the step
+    model(input_ids=shards[0], labels=shards[0]).loss.backward()
+    if rank == 1:
+      model.model.layers[0].mlp.up_proj.weight.grad.to_local()[0, 0] = float("nan")
+    before = (opt.losia_step, _full(model))
+    opt.step()
+    opt.zero_grad()
+    skipped = (opt.num_skipped_steps == 1 and opt.losia_step == before[0]
+               and all(torch.equal(w, before[1][n]) for n, w in _full(model).items()))
+    # 4. LoSiA-Pro is refused
     try:
       opt.enable_pro(model)
       pro = ""
     except NotImplementedError as e:
       pro = str(e)
-    # 4. AdamW under FSDP2 on the same model, after one step: its per-rank state
+    # 5. AdamW under FSDP2 on the same model, after one step: its per-rank state
     model = _sharded()
     adamw = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(input_ids=shards[0], labels=shards[0]).loss.backward()
     adamw.step()
     torch.save({"log": log, "straight": straight, "resumed": resumed,
                 "resumed_log": resumed_log, "live": live, "pro": pro,
+                "importance_back": importance_back, "skipped": skipped,
                 "losia_bytes": losia_bytes, "rows_local": rows_local,
                 "adamw_bytes": losia_fsdp.optimizer_state_nbytes(adamw)},
                os.path.join(out_dir, f"rank{rank}.pt"))
@@ -165,11 +180,13 @@ def test_fsdp2_ranks_agree_match_one_process_and_resume_from_dcp(tmp_path):
     assert a[0] + b[0] == t.k_out and a[1] == b[1] == t.k_in, t.name
   # DCP resume mid-window: a live importance buffer came back, and the end is bit-exact
   assert r0["live"], "the checkpoint was meant to be taken inside a profiling window"
+  assert r0["importance_back"] and r1["importance_back"]  # the live buffers, bit for bit
   for r in (r0, r1):
     for n, w in r["straight"].items():
       assert torch.equal(r["resumed"][n], w), n
     for (n_a, i_a), (n_b, i_b) in zip(r["log"][HALF:], r["resumed_log"]):
       assert n_a == n_b and all(torch.equal(i_a[k][0], i_b[k][0]) for k in i_a)
+  assert r0["skipped"] and r1["skipped"]  # rank 1's NaN skipped the step on both ranks
   assert "LoSiA-Pro does not support FSDP2" in r0["pro"] and "reduce-scatter" in r0["pro"]
   # per-rank optimizer state: LoSiA's compact moments (+ importance) vs AdamW's full ones
   print(f"\nper-rank optimizer state bytes under FSDP2 (2 ranks): LoSiA "
