@@ -13,7 +13,9 @@ timeout and each rewriting its result file as it goes:
    and own gradients) and Pro == plain (``torch_gpu_check.py``); JAX's fused LoSiA
    step on the GPU vs the CPU and Pro == plain;
 2. a LLaMA-2-7B-shaped model (hidden 4096, intermediate 11008, 32 heads, vocab 32000,
-   untied; ``--layers``, default 32) with random weights in bf16, batch ``--batch`` x
+   untied; ``--layers``, default 32; JAX, whose unrolled layers compile for tens of
+   seconds each, takes as many of them as its time left allows, from LoSiA-Pro's compile
+   time at 2 and 4 layers, unless ``--jax-layers``) with random weights in bf16, batch ``--batch`` x
    ``--seq`` (4 x 2048; halved while the first method does not fit; no activation
    checkpointing): step time and peak memory of PEFT/JAX LoRA r = 8 and at the rank
    matched to LoSiA's trainable count, LoSiA, LoSiA-Pro (rank factor 1/8, output layer
@@ -228,14 +230,26 @@ def section(doc: dict) -> str:
           f"{a['steps']} steps after {a['warmup']} warm-up steps (JAX: after ahead-of-time "
           "compilation). Peak: torch `max_memory_allocated`, JAX XLA's `memory_analysis` "
           "(arguments + outputs - aliases + temporaries); both include the weights. TFLOP: "
-          "the matmul FLOPs the method needs (`gpu.py step_flops`); MFU = TFLOP / step / peak.",
-          ""]
+          "the matmul FLOPs the method needs (`gpu.py step_flops`); MFU = TFLOP / step / peak. "
+          "Rows: `losia-pro` and `losia` leave the output layer frozen, so the timed steps are "
+          "decoder layer 0's profiling slot (its full weight gradients are computed), as in 32 "
+          "of the 33 slots of the paper's setting (output rows 1/8); `+ output rows 1/8, output "
+          "slot` is that setting in the output layer's own slot (1 of 33). By these counts "
+          "LoSiA-Pro needs about the FLOPs of LoRA (neither computes the frozen weights' "
+          "gradients), so its step / LoRA step is LoRA's MFU / Pro's MFU.", ""]
   for b, res in doc["results"].items():
     bench = res.get("bench")
     if not bench:
       continue
     att = "".join(f" (batch {x['batch']} did not fit: {x['error'][:120]})"
                   for x in bench.get("batch_attempts", []))
+    probe = res.get("layer_probe") or {}
+    if probe.get("layers"):
+      att += (f"; layers chosen for the time left ({probe['left_s']:.0f} s) from LoSiA-Pro's "
+              "compile time at " + ", ".join(f"{k} layers {v:.1f} s"
+                                             for k, v in probe["compile_s"].items()))
+    elif probe.get("error"):
+      att += f"; layer probe failed: {probe['error'][:120]}"
     out += [f"**{b}**: {bench['layers']} layers, batch {bench['batch']} x {bench['seq']}{att}",
             "", "| method | trainable | peak GiB | median ms | / best LoRA | / full | TFLOP "
             "needed | MFU | XLA TFLOP | compile s |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -356,6 +370,9 @@ def parse_args(argv=None):
   ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU, seconds")
   ap.add_argument("--backends", default="torch,jax")
   ap.add_argument("--layers", type=int, default=None, help="decoder layers (default 32)")
+  ap.add_argument("--jax-layers", default="auto",
+                  help="JAX decoder layers: 'auto' (default: as many as the time left allows, "
+                  "from LoSiA-Pro's compile time at 2 and 4 layers; at most --layers) or 'same'")
   ap.add_argument("--batch", type=int, default=None, help="default 4 (dry run 1)")
   ap.add_argument("--seq", type=int, default=None, help="default 2048 (dry run 16)")
   ap.add_argument("--steps", type=int, default=None, help="timed steps (default 5, dry run 2)")
@@ -388,6 +405,9 @@ def main(argv=None) -> int:
     with open(args.render, encoding="utf-8") as f:
       doc = json.load(f)
     args.json = None
+    if doc["args"].get("dry_run") and not args.md:
+      print("a dry run's JSON: pass --md (the committed RESULTS.md holds GPU runs only)")
+      return 2
     args.md = args.md or RESULTS_MD
     finish(doc, args)
     return 0
@@ -423,7 +443,13 @@ def main(argv=None) -> int:
         doc["results"][b] = {"backend": b, "checks": [], "bench": None,
                              "status": "not started: no time left"}
         continue
-      res = run_worker(b, {**job, "deadline": time.time() + timeout - 3.0}, timeout, tmp)
+      auto = b == "jax" and not dry and args.jax_layers == "auto" and any(
+          s["name"] == "losia-pro" for s in job["methods"])
+      cfg = c
+      if b == "jax" and args.jax_layers not in ("auto", "same"):
+        cfg = {**c, "num_hidden_layers": int(args.jax_layers)}
+      res = run_worker(b, {**job, "config": cfg, "deadline": time.time() + timeout - 3.0,
+                           "layers_auto": auto}, timeout, tmp)
       doc["results"][b] = res
       doc["machine"] = machine(doc["results"])
       doc["partial"] = (f"{', '.join(backends[k + 1:])} still to run" if k < len(backends) - 1

@@ -316,6 +316,37 @@ def jax_checks(rec: Recorder, job: dict, dev) -> None:
   run_check(rec, "LoSiA-Pro == plain LoSiA on the device (clip 0.5)", result("pro"))
 
 
+def choose_layers(probes: dict[int, float], left: float, max_layers: int,
+                  methods: int = 3, run_s_per_layer: float = 0.5) -> int:
+  """The most decoder layers (<= ``max_layers``) for which ``methods`` compilations and
+  runs fit in ``left`` seconds, from the compile seconds ``probes`` of LoSiA-Pro (the
+  slowest to compile) at two small layer counts, extrapolated linearly."""
+  (l0, t0), (l1, t1) = sorted(probes.items())[:2]
+  slope = max((t1 - t0) / (l1 - l0), t1 / l1 / 4)  # a noisy difference is not trusted below
+  fits = [n for n in range(1, max_layers + 1)
+          if methods * (t0 + slope * (n - l0) + run_s_per_layer * n) <= left]
+  return max(fits, default=1)
+
+
+def probe_jax_layers(job: dict, run_method, rec: Recorder) -> int:
+  """Compiles LoSiA-Pro at 2 and 4 layers and picks the layer count the deadline allows
+  (``job["layers_auto"]``); the probes are recorded in the result."""
+  spec = next(s for s in job["methods"] if s["name"] == "losia-pro")
+  probes = {}
+  for n in (2, 4):
+    rec.doc["in_progress"] = f"compile-time probe, {n} layers"
+    rec.save()
+    row = run_method(spec, {**job, "config": {**job["config"], "num_hidden_layers": n},
+                            "compile_only": True})
+    probes[n] = row["compile_s"]
+  left = job["deadline"] - time.time() - 10.0
+  layers = choose_layers(probes, left, job["config"]["num_hidden_layers"])
+  rec.doc["layer_probe"] = {"compile_s": probes, "left_s": left, "layers": layers}
+  print(f"  JAX compile-time probe {probes}: {layers} layers for {left:.0f} s", flush=True)
+  rec.save()
+  return layers
+
+
 def jax_worker(job: dict, rec: Recorder) -> None:
   import jax
   import jax.numpy as jnp
@@ -337,10 +368,9 @@ def jax_worker(job: dict, rec: Recorder) -> None:
     return
   import transformers
   import peers_jax
-  src_cfg = transformers.LlamaConfig(**job["config"])
 
   def run_method(spec, j):
-    _jax_source(src_cfg, jnp.bfloat16)
+    _jax_source(transformers.LlamaConfig(**j["config"]), jnp.bfloat16)
     pjob = {"workload": "llama2-7b-shape", "model_dir": "(random, in memory)", "seq": j["seq"],
             "batch": j["batch"], "vocab": j["config"]["vocab_size"], "period": j["period"]}
     batch = peers_jax.make_batch(pjob)
@@ -355,6 +385,9 @@ def jax_worker(job: dict, rec: Recorder) -> None:
              "opt_state_bytes": int(peers_jax.losia_jax.state_nbytes(b.opt_state)),
              "times_s": []}
       row.update(peers_jax.compile_ahead(b, batch))
+      if j.get("compile_only"):
+        del b
+        return row
       if limit and row.get("peak_bytes", 0) > limit:
         raise MemoryError(f"does not fit: XLA needs {row['peak_bytes'] / 2**30:.1f} GiB, "
                           f"the device has {limit / 2**30:.1f} GiB")
@@ -370,6 +403,13 @@ def jax_worker(job: dict, rec: Recorder) -> None:
     jax.clear_caches()
     row["device_peak_bytes_so_far"] = (dev.memory_stats() or {}).get("peak_bytes_in_use")
     return row
+  if job.get("layers_auto"):
+    try:
+      job = {**job, "config": {**job["config"],
+                               "num_hidden_layers": probe_jax_layers(job, run_method, rec)}}
+    except Exception as e:  # pylint: disable=broad-except
+      traceback.print_exc()
+      rec.doc["layer_probe"] = {"error": _short(e)}
   bench_loop(rec, job, run_method)
 
 

@@ -190,3 +190,14 @@ def test_gpu_bench_loop_halves_the_batch_and_keeps_to_the_deadline(tmp_path):
   assert bench["batch"] == 2 and [a["batch"] for a in bench["batch_attempts"]] == [8, 4]
   assert list(bench["rows"]) == ["lora r=8", "losia-pro"]
   assert set(bench["skipped"]) == {"losia", "full"}
+
+
+def test_gpu_jax_layer_count_from_the_compile_probe():
+  workers = load_script("gpu_workers_under_test2",
+                        os.path.join(ROOT, "benchmarks", "gpu_workers.py"))
+  # 4 s + 2 s per layer, 0.5 s per layer to run: 3 methods at n layers take 3 * (4 + 2.5 n)
+  assert workers.choose_layers({2: 8.0, 4: 12.0}, 3 * (4 + 2.5 * 32), 32) == 32
+  assert workers.choose_layers({2: 8.0, 4: 12.0}, 3 * (4 + 2.5 * 16), 32) == 16
+  assert workers.choose_layers({2: 8.0, 4: 12.0}, 1.0, 32) == 1
+  # a difference below noise falls back to a quarter of the larger probe per layer
+  assert workers.choose_layers({2: 12.0, 4: 12.0}, 3 * (10.5 + 1.25 * 8), 32) == 8
