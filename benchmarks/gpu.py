@@ -56,7 +56,7 @@ sys.path.insert(0, HERE)
 import peers  # noqa: E402  (the shapes, LoSiA's block count, the matched LoRA rank)
 from losia_common.subnet import block_size  # noqa: E402
 
-BEGIN, END = "<!-- gpu.py: begin generated GPU section -->", "<!-- gpu.py: end -->"
+BEGIN, END = peers.GPU_BEGIN, peers.GPU_END
 RESULTS_MD = os.path.join(HERE, "RESULTS.md")
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,

@@ -57,6 +57,9 @@ sys.path.insert(0, ROOT)
 from losia_common.subnet import block_size  # noqa: E402
 
 RESULTS_MD = os.path.join(HERE, "RESULTS.md")
+# benchmarks/gpu.py owns the part of RESULTS.md between these markers; rewriting
+# the file from a CPU run keeps it.
+GPU_BEGIN, GPU_END = "<!-- gpu.py: begin generated GPU section -->", "<!-- gpu.py: end -->"
 RESULTS_JSON = os.path.join(HERE, "results.json")
 LOSIA_FACTOR = 0.125  # rank_factor of every LoSiA row (and output_rank_factor where used)
 GALORE_RANK = 128
@@ -524,8 +527,7 @@ def main(argv=None) -> dict:
     for key, res in doc["results"].items():
       w = next(x for x in doc["workloads"] if x["name"] == key.split("/")[1])
       derive(res, method_specs(w), doc["args"]["rounds"])
-    with open(RESULTS_MD, "w", encoding="utf-8") as f:
-      f.write(markdown(doc))
+    write_md(markdown(doc))
     return doc
   backends = args.backends.split(",")
   wanted = args.workloads.split(",")
@@ -575,8 +577,21 @@ def save(doc: dict, args, partial: Optional[str]) -> None:
   if args.write:
     with open(RESULTS_JSON, "w", encoding="utf-8") as f:
       f.write(text)
-    with open(RESULTS_MD, "w", encoding="utf-8") as f:
-      f.write(markdown(doc))
+    write_md(markdown(doc))
+
+
+def write_md(text: str, path: str = RESULTS_MD) -> None:
+  """Writes ``text`` to ``path``, keeping the generated GPU section already there."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      old = f.read()
+  except FileNotFoundError:
+    old = ""
+  i, j = old.find(GPU_BEGIN), old.find(GPU_END)
+  if i >= 0 and j > i:
+    text = text.rstrip("\n") + "\n\n" + old[i:j + len(GPU_END)] + "\n"
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(text)
 
 
 if __name__ == "__main__":

@@ -117,6 +117,16 @@ def test_gpu_section_replaces_only_its_own_block(tmp_path):
   assert md.read_text().endswith(f"{gpu.END}\n\nafter\n") and "second" not in md.read_text()
 
 
+def test_peers_rewrite_keeps_the_gpu_section(tmp_path):
+  peers = _peers_module()
+  md = tmp_path / "R.md"
+  md.write_text(f"# old cpu tables\n\n{peers.GPU_BEGIN}\ngpu rows\n{peers.GPU_END}\n")
+  peers.write_md("# new cpu tables\n", str(md))
+  text = md.read_text()
+  assert text.startswith("# new cpu tables\n") and "old cpu" not in text
+  assert f"{peers.GPU_BEGIN}\ngpu rows\n{peers.GPU_END}" in text
+
+
 @pytest.mark.slow
 def test_gpu_dry_run_checks_benchmarks_and_writes_the_section(tmp_path):
   """``gpu.py --dry-run``: both backends' device checks (the CPU standing in for the GPU),
