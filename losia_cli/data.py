@@ -167,21 +167,79 @@ def encode_all(examples: Sequence[Example], formatter: Formatter,
   return kept, enc, dropped
 
 
-def make_batch(encoded: Sequence[Encoded], seq_len: int, pad_id: int) -> Batch:
-  """Right-pads to exactly ``seq_len``; ``loss_mask[t] = 1`` iff ``ids[t+1]`` is a target token."""
+PAD_MULTIPLE = 8  # batch widths are multiples of this: few distinct shapes (JAX compiles per shape)
+
+
+def padded_width(longest: int, seq_len: int, multiple: int = PAD_MULTIPLE) -> int:
+  """``longest`` rounded up to a multiple of ``multiple``, at most ``seq_len`` (and at least 2)."""
+  return max(2, min(seq_len, -(-max(longest, 1) // multiple) * multiple))
+
+
+def make_batch(encoded: Sequence[Encoded], seq_len: int, pad_id: int,
+               multiple: int = PAD_MULTIPLE) -> Batch:
+  """Right-pads to the longest example, rounded up to a multiple of ``multiple``
+  (at most ``seq_len``); ``loss_mask[t] = 1`` iff ``ids[t+1]`` is a target token.
+
+  Padding does not change the loss (attention is causal and the padding is on
+  the right, outside the loss mask), only the work: a batch of short examples
+  is not padded to ``seq_len``.
+  """
   b = len(encoded)
-  ids = np.full((b, seq_len), pad_id, dtype=np.int32)
-  attn = np.zeros((b, seq_len), dtype=np.int32)
-  mask = np.zeros((b, seq_len), dtype=np.float32)
+  for e in encoded:
+    if len(e) > seq_len:
+      raise ValueError(f"example of {len(e)} tokens does not fit seq_len={seq_len}")
+  width = padded_width(max((len(e) for e in encoded), default=1), seq_len, multiple)
+  ids = np.full((b, width), pad_id, dtype=np.int32)
+  attn = np.zeros((b, width), dtype=np.int32)
+  mask = np.zeros((b, width), dtype=np.float32)
   for i, e in enumerate(encoded):
     n = len(e)
-    if n > seq_len:
-      raise ValueError(f"example of {n} tokens does not fit seq_len={seq_len}")
     ids[i, :n] = e.prompt_ids + e.target_ids
     attn[i, :n] = 1
     # Positions predicting target tokens: t + 1 in [len(prompt), n), so t in [len(prompt)-1, n-1).
     mask[i, max(len(e.prompt_ids) - 1, 0):n - 1] = 1.0
   return Batch(input_ids=ids, attention_mask=attn, loss_mask=mask)
+
+
+def loss_tokens(batch: Batch) -> float:
+  """Positions the loss covers (``loss_mask`` without its last column, which predicts nothing)."""
+  return float(np.asarray(batch.loss_mask)[:, :-1].sum())
+
+
+def micro_batches(batch: Batch, n: int, multiple: int = PAD_MULTIPLE,
+                  trim: bool = True) -> list[Batch]:
+  """Splits ``batch`` row-wise into ``n`` equal micro-batches (gradient accumulation).
+
+  With ``trim`` each micro-batch drops the padding columns it does not need
+  (its own longest sequence, rounded up to ``multiple``), so a micro-batch of
+  short examples is not padded to the longest of the whole step.
+
+  Raises:
+    ValueError: the batch's rows are not a multiple of ``n``.
+  """
+  rows = int(np.asarray(batch.input_ids).shape[0])
+  if n < 1 or rows % n:
+    raise ValueError(f"a batch of {rows} sequences cannot be split into {n} equal "
+                     "micro-batches")
+  size = rows // n
+  out = []
+  for j in range(n):
+    part = Batch(*(np.asarray(x)[j * size:(j + 1) * size] for x in batch))
+    if trim:
+      part = _trim(part, multiple)
+    out.append(part)
+  return out
+
+
+def _trim(batch: Batch, multiple: int) -> Batch:
+  """Drops trailing columns that hold no real token and no loss position."""
+  width = batch.input_ids.shape[1]
+  attn = np.flatnonzero(batch.attention_mask.any(axis=0))
+  mask = np.flatnonzero(batch.loss_mask.any(axis=0))
+  # loss_mask[t] concerns ids[t + 1]: that column must stay.
+  need = max(attn[-1] + 1 if attn.size else 1, mask[-1] + 2 if mask.size else 1)
+  keep = padded_width(int(need), width, multiple)
+  return batch if keep == width else Batch(*(x[:, :keep] for x in batch))
 
 
 @functools.lru_cache(maxsize=4)

@@ -97,12 +97,14 @@ def test_masks_cover_exactly_the_response(tok):
   _, enc, dropped = D.encode_all(examples, f, seq_len=32)
   assert dropped == 0
   b = D.make_batch(enc, 32, f.pad_id)
-  assert b.input_ids.shape == b.attention_mask.shape == b.loss_mask.shape == (3, 32)
+  width = b.input_ids.shape[1]  # the longest (22 tokens) rounded up to a multiple of 8
+  assert max(len(e) for e in enc) == 22 and width == 24
+  assert b.input_ids.shape == b.attention_mask.shape == b.loss_mask.shape == (3, width)
   assert b.input_ids.dtype == np.int32 and b.attention_mask.dtype == np.int32
   assert b.loss_mask.dtype == np.float32
   for row, e in enumerate(enc):
     n = len(e)
-    assert b.attention_mask[row].tolist() == [1] * n + [0] * (32 - n)
+    assert b.attention_mask[row].tolist() == [1] * n + [0] * (width - n)
     assert (b.input_ids[row, n:] == f.pad_id).all()
     # mask[t] = 1 iff ids[t + 1] is a target token: the masked "next tokens" are the target
     t = np.nonzero(b.loss_mask[row])[0]
@@ -161,3 +163,48 @@ def test_file_fingerprint(tmp_path):
   write(tmp_path, '{"prompt": "a", "response": "c"}\n')
   assert D.file_fingerprint(path)["sha256"] != fp["sha256"]
   assert json.dumps(fp)
+
+
+def test_batches_pad_to_their_longest_rounded_up_to_8(tok):
+  f = D.Formatter(tok)
+
+  def enc(n_prompt, n_response):
+    return f.encode(D.Example("p" * n_prompt, "r" * n_response))
+
+  short = [enc(2, 3), enc(1, 1)]            # 3 + 3 + 1 and 2 + 1 + 1 tokens: longest 7
+  assert D.make_batch(short, 64, f.pad_id).input_ids.shape == (2, 8)
+  exact = [enc(5, 2)]                         # 6 + 2 + 1 = 9 → 16
+  assert D.make_batch(exact, 64, f.pad_id).input_ids.shape == (1, 16)
+  assert D.make_batch([enc(13, 1)], 64, f.pad_id).input_ids.shape == (1, 16)  # exactly 16
+  # never wider than --seq-len, even when seq_len is not a multiple of 8
+  assert D.make_batch([enc(10, 5)], 18, f.pad_id).input_ids.shape == (1, 18)
+  assert D.make_batch([enc(10, 5)], 18, f.pad_id, multiple=1).input_ids.shape == (1, 17)
+  assert D.padded_width(62, 64) == 64 and D.padded_width(41, 64) == 48
+  assert D.padded_width(1, 64) == 8 and D.padded_width(5, 6) == 6
+
+
+def test_micro_batches_split_rows_and_trim_their_own_padding(tok):
+  f = D.Formatter(tok)
+  enc = [f.encode(D.Example("p" * n, "r")) for n in (20, 3, 2, 1)]  # lengths 23, 6, 5, 4
+  batch = D.make_batch(enc, 64, f.pad_id)
+  assert batch.input_ids.shape == (4, 24)
+  first, second = D.micro_batches(batch, 2)
+  assert first.input_ids.shape == (2, 24) and second.input_ids.shape == (2, 8)
+  np.testing.assert_array_equal(second.input_ids, batch.input_ids[2:, :8])
+  np.testing.assert_array_equal(second.loss_mask, batch.loss_mask[2:, :8])
+  assert D.loss_tokens(first) + D.loss_tokens(second) == D.loss_tokens(batch) == 4 * 2
+  untrimmed = D.micro_batches(batch, 4, trim=False)
+  assert [p.input_ids.shape for p in untrimmed] == [(1, 24)] * 4
+  with pytest.raises(ValueError, match="4 sequences cannot be split into 3"):
+    D.micro_batches(batch, 3)
+
+
+def test_trimming_keeps_the_column_a_loss_position_predicts():
+  # A hand-made batch whose loss mask reaches the last real token's predecessor.
+  ids = np.zeros((1, 16), np.int32)
+  attn = np.zeros((1, 16), np.int32)
+  mask = np.zeros((1, 16), np.float32)
+  attn[0, :9] = 1
+  mask[0, 8] = 1.0  # predicts ids[9], which the attention mask calls padding
+  (part,) = D.micro_batches(D.Batch(ids, attn, mask), 1, multiple=1)
+  assert part.input_ids.shape == (1, 10)
