@@ -27,7 +27,8 @@ import re
 import typing
 from typing import Any, Optional
 
-from losia_cli.backend import BACKENDS, LORA_VARIANTS, LR_SCHEDULES, METHODS, ModelSource
+from losia_cli.backend import (BACKENDS, LORA_VARIANTS, LR_SCHEDULES, METHODS, PRECISIONS,
+                               ModelSource)
 from losia_cli.tasks import TASKS
 from losia_common.config import (IMPORTANCE_KINDS, NON_TARGET_POLICIES, SCHEDULES, LoSiAConfig,
                                  LoSiAConfigError)
@@ -58,6 +59,9 @@ DEFAULTS: dict[str, Any] = {
     "steps": None,            # 80 unless --epochs
     "epochs": None,
     "batch_size": 8,
+    "grad_accum": 1,
+    "precision": "fp32",
+    "gradient_checkpointing": False,
     "seq_len": 64,            # every embedded-task example fits (longest: 62 tokens)
     "lr": None,               # DEFAULT_LR[method]
     "lr_schedule": "cosine",
@@ -136,6 +140,9 @@ class RunConfig:
   steps: Optional[int]
   epochs: Optional[float]
   batch_size: int
+  grad_accum: int
+  precision: str
+  gradient_checkpointing: bool
   seq_len: int
   lr: float
   lr_schedule: str
@@ -158,6 +165,11 @@ class RunConfig:
   losia_config: Optional[str]
   losia: dict[str, Any]           # LoSiAConfig fields; "period" may be "auto"
   explicit: frozenset[str] = frozenset()
+
+  @property
+  def step_batch(self) -> int:
+    """Sequences per optimizer step: ``batch_size`` per micro-batch × ``grad_accum``."""
+    return self.batch_size * self.grad_accum
 
   @property
   def uses_losia(self) -> bool:
@@ -313,7 +325,22 @@ def build_parser() -> argparse.ArgumentParser:
   length = t.add_mutually_exclusive_group()
   length.add_argument("--steps", type=int, metavar="N", help="optimizer steps (default: 80)")
   length.add_argument("--epochs", type=float, metavar="E", help="passes over the training data")
-  t.add_argument("--batch-size", type=int, metavar="B", help="sequences per step (default: 8)")
+  t.add_argument("--batch-size", type=int, metavar="B",
+                 help="sequences per micro-batch; a step trains on B × --grad-accum "
+                 "(default: 8)")
+  t.add_argument("--grad-accum", type=int, metavar="N",
+                 help="micro-batches per optimizer step: their gradients are summed, each "
+                 "weighted by its loss tokens, so the step equals one batch of B × N sequences "
+                 "in memory of B (default: 1)")
+  t.add_argument("--precision", choices=PRECISIONS,
+                 help="bf16: forward and backward in bfloat16 (torch autocast; JAX: the "
+                 "model's compute dtype) on fp32 weights, fp32 optimizer state and an fp32 "
+                 "loss; not bf16 weights, which would need fp32 master copies. Evaluation and "
+                 "the export stay fp32 (default: fp32)")
+  t.add_argument("--gradient-checkpointing", action="store_true",
+                 help="torch backend: recompute each decoder layer's activations in the "
+                 "backward pass (transformers' gradient checkpointing, non-reentrant) to save "
+                 "memory; same loss and gradients, more compute")
   t.add_argument("--seq-len", type=int, metavar="S",
                  help="tokens per sequence; longer examples are dropped (default: 64)")
   t.add_argument("--lr", type=float, help="peak learning rate (default: "
@@ -371,6 +398,10 @@ def build_config(given: dict[str, Any]) -> RunConfig:
                      "held-out split)")
   if v["lora_variant"] != "lora" and v["backend"] != "torch":
     raise UsageError(f"argument --lora-variant: {v['lora_variant']} needs --backend torch")
+  if v["gradient_checkpointing"] and v["backend"] != "torch":
+    raise UsageError("argument --gradient-checkpointing: needs --backend torch (the JAX "
+                     "LLaMA of losia_jax.models has no rematerialization hook around its "
+                     "decoder layers)")
   if v["steps"] is None and v["epochs"] is None:
     v["steps"] = DEFAULT_STEPS
   if v["lr"] is None:
@@ -398,6 +429,7 @@ def _check_ranges(v: dict[str, Any]) -> None:
   if v["epochs"] is not None:
     need("epochs", finite(v["epochs"]) and v["epochs"] > 0, "a number > 0")
   need("batch_size", v["batch_size"] >= 1, ">= 1")
+  need("grad_accum", v["grad_accum"] >= 1, ">= 1 (1: no accumulation)")
   need("seq_len", v["seq_len"] >= 2, ">= 2")
   if v["lr"] is not None:
     need("lr", finite(v["lr"]) and v["lr"] > 0, "a number > 0")

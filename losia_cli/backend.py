@@ -18,6 +18,7 @@ METHODS = ("losia", "losia-pro", "full", "lora")
 BACKENDS = ("jax", "torch")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 LORA_VARIANTS = ("lora", "dora", "pissa")
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,10 +60,18 @@ class TrainSettings:
   seq_len: int
   batch_size: int
   lora_variant: str = "lora"  # torch: "lora", "dora" (PEFT use_dora) or "pissa" (PiSSA init)
+  # "fp32", or "bf16": bf16 compute (torch autocast; the JAX model's compute dtype) on
+  # fp32 weights, optimizer state and loss.
+  precision: str = "fp32"
+  # Micro-batches per optimizer step: train_step splits its batch row-wise into this
+  # many, sums their gradients weighted by loss tokens, then steps once.
+  grad_accum: int = 1
+  gradient_checkpointing: bool = False  # torch: recompute each decoder layer in backward
 
 
 class Batch(NamedTuple):
-  """One training batch; right-padded to ``seq_len`` so shapes never change.
+  """One training batch, right-padded (``losia_cli.data.make_batch``: to its longest
+  sequence, rounded up to a multiple of 8, at most ``seq_len``).
 
   A NamedTuple, hence a JAX pytree: it can be passed to jitted functions as is.
 
@@ -102,6 +111,11 @@ class Backend(Protocol):
 
   def train_step(self, batch: Batch) -> dict[str, float]:
     """One optimizer step; returns at least ``{"loss": ..., "lr": ...}`` (host floats).
+
+    With ``settings.grad_accum = N`` the batch is split row-wise into N
+    micro-batches whose gradients are summed before the one step; each is
+    weighted by its share of the batch's loss tokens, so the loss (and the
+    gradient) is the batch's token mean, as if it were one batch.
 
     A step whose gradients are not finite changes no weight and returns
     ``"skipped": 1.0``; ``step`` still advances (it counts batches consumed).

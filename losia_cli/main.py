@@ -161,7 +161,7 @@ class Run:
     self.timings["tokenizer_s"] = R.now() - t0
     self._load_data()
     self.total_steps = (cfg.steps if cfg.steps is not None else
-                        D.steps_for_epochs(cfg.epochs, len(self.train_enc), cfg.batch_size))
+                        D.steps_for_epochs(cfg.epochs, len(self.train_enc), cfg.step_batch))
     self.warmup_steps = (cfg.warmup_steps if cfg.warmup_steps is not None else
                          default_warmup(self.total_steps))
     if self.warmup_steps > self.total_steps:
@@ -183,8 +183,9 @@ class Run:
         warmup_steps=self.warmup_steps, total_steps=self.total_steps,
         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
         lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_variant=cfg.lora_variant,
-        seed=cfg.seed,
-        seq_len=cfg.seq_len, batch_size=cfg.batch_size)
+        seed=cfg.seed, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+        precision=cfg.precision, grad_accum=cfg.grad_accum,
+        gradient_checkpointing=cfg.gradient_checkpointing)
     self.log(f"loading {cfg.model.description} on the {cfg.backend} backend ...")
     t0 = R.now()
     self.backend = make_backend(cfg, settings)
@@ -250,7 +251,7 @@ class Run:
       self.max_new_tokens = tasks.get_task(cfg.task).max_new_tokens
     else:
       self.max_new_tokens = max((len(e.target_ids) for e in eval_enc), default=1)
-    self.order = D.BatchOrder(len(self.train_enc), cfg.batch_size, cfg.seed)
+    self.order = D.BatchOrder(len(self.train_enc), cfg.step_batch, cfg.seed)
 
   def _check_generation_fits(self) -> None:
     if not self.eval_prompts:
@@ -303,11 +304,14 @@ class Run:
   def _print_plan(self) -> None:
     cfg = self.cfg
     n = len(self.train_enc)
-    epochs = self.total_steps * cfg.batch_size / n
+    epochs = self.total_steps * cfg.step_batch / n
     data = f"task {cfg.task}" if cfg.task else cfg.data
+    seqs = (f"{cfg.grad_accum} micro-batches × {cfg.batch_size}" if cfg.grad_accum > 1
+            else str(cfg.batch_size))
     self.log(f"data: {data}: {n} training examples, {len(self.eval_examples)} held out; "
-             f"{self.total_steps} steps × {cfg.batch_size} sequences × {cfg.seq_len} tokens "
-             f"= {epochs:.2f} epochs")
+             f"{self.total_steps} steps × {seqs} sequences × ≤ {cfg.seq_len} tokens "
+             f"= {epochs:.2f} epochs; {cfg.precision}"
+             + (", gradient checkpointing" if cfg.gradient_checkpointing else ""))
     sched = f"lr {cfg.lr:g} ({cfg.lr_schedule}, {self.warmup_steps} warmup steps)"
     if self.losia is not None:
       sched += (f"; LoSiA p={self.losia.rank_factor:g}, period {self.losia.period}, "
@@ -360,11 +364,11 @@ class Run:
         "format": DRIVER_FORMAT,
         "step": s.step,
         "total_steps": self.total_steps,
-        "examples_seen": s.step * self.cfg.batch_size,
-        "epochs_done": s.step * self.cfg.batch_size / len(self.train_enc),
+        "examples_seen": s.step * self.cfg.step_batch,
+        "epochs_done": s.step * self.cfg.step_batch / len(self.train_enc),
         "seed": self.cfg.seed,
-        "data_order": "batch k = stream positions [k*B, (k+1)*B); epoch e = "
-                      "permutation(seed, e) (losia_cli.data.BatchOrder)",
+        "data_order": "batch k = stream positions [k*B, (k+1)*B), B = batch_size * "
+                      "grad_accum; epoch e = permutation(seed, e) (losia_cli.data.BatchOrder)",
         "num_train_examples": len(self.train_enc),
         "tokens_seen": s.tokens_seen,
         "train_seconds": s.train_seconds,

@@ -23,8 +23,13 @@ from losia_cli.backend import ModelSource
 
 DRIVER_FORMAT = 1
 # Settings a resumed run may change: they do not touch the training trajectory.
+# Gradient checkpointing only recomputes activations (same loss and gradients, bit
+# for bit on the CPU): a run that ran out of memory may continue with it.
 SOFT_FIELDS = frozenset({"output_dir", "resume", "resume_from", "quiet", "plots", "export",
-                         "save_every", "keep_checkpoints", "explicit"})
+                         "save_every", "keep_checkpoints", "explicit", "gradient_checkpointing"})
+# Settings added after the first checkpoints were written, with the value those
+# runs used: a checkpoint that lacks one was made with that value.
+ADDED_DEFAULTS = {"grad_accum": 1, "precision": "fp32"}
 # Settings compared by content (fingerprints) rather than by their paths, and the
 # run's length, compared as its total steps (--steps or --epochs).
 PATH_FIELDS = frozenset({"model", "data", "eval_data", "losia_config"})
@@ -177,7 +182,7 @@ def check_compatible(saved: dict[str, Any], path: str, config: dict[str, Any],
   """Raises :class:`ResumeError` if the settings given now would change the run."""
   old = saved["config"]
   diffs = [k for k in config if k not in SOFT_FIELDS | PATH_FIELDS | LENGTH_FIELDS | {"losia"}
-           and old.get(k) != config[k]]
+           and old.get(k, ADDED_DEFAULTS.get(k)) != config[k]]
   if saved.get("losia") != losia:
     diffs.append("LoSiA settings")
   if _content(saved["data"]) != _content(data_fp):

@@ -139,6 +139,11 @@ BAD = [
     (["--target-modules", "q_proj,(["], "--target-modules"),
     (["--losia-seed", "1.5"], "--losia-seed"),
     (["--bogus-flag"], "--bogus-flag"),
+    (["--grad-accum", "0"], "--grad-accum"),
+    (["--grad-accum", "two"], "--grad-accum"),
+    (["--precision", "fp16"], "--precision"),
+    (["--gradient-checkpointing"], "--gradient-checkpointing"),  # the default backend is jax
+    (["--backend", "jax", "--gradient-checkpointing"], "--gradient-checkpointing"),
 ]
 
 
@@ -191,6 +196,23 @@ def test_bad_losia_config_file(tiny, tmp_path, capsys):
 def test_help_returns_0(capsys):
   assert main(["--help"]) == 0
   assert "--rank-factor" in capsys.readouterr().out
+
+
+def test_precision_accumulation_and_checkpointing_flags(tiny, capsys):
+  c = A.parse_args(["--model", tiny])
+  assert (c.precision, c.grad_accum, c.gradient_checkpointing) == ("fp32", 1, False)
+  assert c.step_batch == 8
+  c = A.parse_args(["--model", tiny, "--backend", "torch", "--precision", "bf16",
+                    "--batch-size", "4", "--grad-accum", "3", "--gradient-checkpointing"])
+  assert (c.precision, c.grad_accum, c.gradient_checkpointing) == ("bf16", 3, True)
+  assert c.batch_size == 4 and c.step_batch == 12  # --batch-size is per micro-batch
+  assert c.to_dict()["grad_accum"] == 3
+  c = A.parse_args(["--model", tiny, "--precision", "bf16", "--grad-accum", "2"])  # jax too
+  assert (c.backend, c.precision, c.grad_accum) == ("jax", "bf16", 2)
+  assert main(["--help"]) == 0
+  text = " ".join(capsys.readouterr().out.split())
+  # --help says which bf16 it is: autocast compute on fp32 weights, not bf16 weights.
+  assert "torch autocast" in text and "on fp32 weights" in text and "master copies" in text
 
 
 # --- errors the driver finds before it builds a backend --------------------------------------
