@@ -13,6 +13,16 @@ Methods:
 The parameters are a plain nested dict (``nnx.to_pure_dict``), merged back into
 the module inside the jitted step; checkpoints are Orbax (params, optimizer
 state, LoRA adapters) plus a small JSON with the step.
+
+Precision and accumulation: ``precision="bf16"`` trains through the same model
+built with compute dtype bfloat16 on the fp32 parameters (``LlamaForCausalLM(...,
+dtype=bfloat16, param_dtype=float32)``: bf16 matmuls, fp32 norms statistics,
+softmax and loss; gradients reach the fp32 parameters through the casts);
+generation and the export use the fp32 model. ``grad_accum = N`` splits a step's
+batch into N micro-batches inside the one jitted step (``lax.scan``), sums their
+gradients weighted by loss tokens (dense, LoRA or LoSiA-Pro's compact ones), and
+applies them in one fused LoSiA / Optax step. Gradient checkpointing is not
+available: the model has no rematerialization hook around its decoder layers.
 """
 
 from __future__ import annotations
@@ -28,13 +38,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from flax import nnx
 
 import losia_jax
-from losia_cli.backend import Batch, ModelSource, TrainSettings
+from losia_cli.backend import PRECISIONS, Batch, ModelSource, TrainSettings
 from losia_cli.schedules import lr_multiplier
 from losia_jax import pro
-from losia_jax.models import (default_linear, functional, greedy_generate, load_gguf, load_hf,
-                              masked_nll, save_hf)
+from losia_jax.models import (LlamaForCausalLM, default_linear, functional, greedy_generate,
+                              load_gguf, load_hf, masked_nll, save_hf)
 
 CHECKPOINT_FORMAT = 1  # backend.json "format": the layout of the Orbax tree below
 
@@ -53,6 +64,14 @@ class JaxBackend:
 
   def __init__(self, source: ModelSource, settings: TrainSettings):
     self.source, self.settings = source, settings
+    if settings.precision not in PRECISIONS:
+      raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got "
+                       f"{settings.precision!r}")
+    if settings.grad_accum < 1:
+      raise ValueError(f"grad_accum must be >= 1; got {settings.grad_accum}")
+    if settings.gradient_checkpointing:
+      raise ValueError("gradient checkpointing needs the torch backend (the JAX LLaMA of "
+                       "losia_jax.models has no rematerialization hook around its layers)")
     if source.kind == "hf":
       model, self.hf_config = load_hf(source.path)
     elif source.kind == "gguf":
@@ -63,6 +82,12 @@ class JaxBackend:
     self.max_positions = int(self.config.max_position_embeddings)
     self.vocab_size = int(self.config.vocab_size)
     self.params, self._apply, self._bind = functional(model)
+    if settings.precision == "bf16":
+      # The same model with bf16 compute on fp32 parameters, built abstractly (its
+      # weights are self.params); only the training loss runs through it.
+      abstract = nnx.eval_shape(lambda r: LlamaForCausalLM(
+          self.config, rngs=r, dtype=jnp.bfloat16, param_dtype=jnp.float32), nnx.Rngs(0))
+      _, self._apply, _ = functional(abstract)
     self.step = 0
     self._lr = _lr_table(settings)
     lr_table = jnp.asarray(self._lr)
@@ -128,36 +153,65 @@ class JaxBackend:
       return y + scale * ((x @ ab["a"]) @ ab["b"]).astype(y.dtype)
     return linear
 
-  def _make_step(self):
+  def _make_grad(self):
+    """``grad(trainable, opt_state, ids, am, lm) -> (loss, gradients)`` of one (micro-)batch."""
     method, tx = self.settings.method, self.tx
-
-    if method == "losia":
-      def step(params, opt_state, ids, am, lm):
-        loss, g = jax.value_and_grad(
-            lambda p: self._loss(p, default_linear, ids, am, lm))(params)
-        params, opt_state = tx.apply_gradients(g, opt_state, params)
-        return params, opt_state, loss
+    if method in ("losia", "full"):
+      def grad(params, opt_state, ids, am, lm):
+        return jax.value_and_grad(lambda p: self._loss(p, default_linear, ids, am, lm))(params)
     elif method == "losia-pro":
       vg = pro.value_and_grad(lambda p, linear, ids, am, lm: self._loss(p, linear, ids, am, lm),
                               tx)
 
-      def step(params, opt_state, ids, am, lm):
-        loss, g = vg(params, opt_state, ids, am, lm)
-        params, opt_state = tx.apply_gradients(g, opt_state, params)
-        return params, opt_state, loss
-    elif method == "full":
-      def step(params, opt_state, ids, am, lm):
-        loss, g = jax.value_and_grad(
-            lambda p: self._loss(p, default_linear, ids, am, lm))(params)
-        u, opt_state = tx.update(g, opt_state, params)
-        return optax.apply_updates(params, u), opt_state, loss
-    else:  # lora: (params, opt_state) is ((frozen params, adapters), adam state)
-      def step(both, opt_state, ids, am, lm):
+      def grad(params, opt_state, ids, am, lm):
+        return vg(params, opt_state, ids, am, lm)
+    else:  # lora: the trainable tree is (frozen params, adapters)
+      def grad(both, opt_state, ids, am, lm):
         params, lora = both
-        loss, g = jax.value_and_grad(
+        return jax.value_and_grad(
             lambda a: self._loss(params, self._lora_linear(a), ids, am, lm))(lora)
-        u, opt_state = tx.update(g, opt_state, lora)
-        return (params, optax.apply_updates(lora, u)), opt_state, loss
+    return grad
+
+  def _make_step(self):
+    method, tx = self.settings.method, self.tx
+    grad = self._make_grad()
+
+    def apply(tree, opt_state, g):
+      if method in ("losia", "losia-pro"):
+        return tx.apply_gradients(g, opt_state, tree)
+      if method == "full":
+        u, opt_state = tx.update(g, opt_state, tree)
+        return optax.apply_updates(tree, u), opt_state
+      params, lora = tree
+      u, opt_state = tx.update(g, opt_state, lora)
+      return (params, optax.apply_updates(lora, u)), opt_state
+
+    if self.settings.grad_accum == 1:
+      def step(tree, opt_state, ids, am, lm):
+        loss, g = grad(tree, opt_state, ids, am, lm)
+        tree, opt_state = apply(tree, opt_state, g)
+        return tree, opt_state, loss
+      return step
+
+    def step(tree, opt_state, ids, am, lm):
+      # ids, am, lm: [N, B, S], one row per micro-batch. Micro-batch i's mean loss
+      # is weighted by its share of the loss tokens: the sum is the batch's mean.
+      counts = jnp.sum(lm[:, :, :-1], axis=(1, 2))
+      weights = counts / jnp.maximum(jnp.sum(counts), 1.0)
+      shapes = jax.eval_shape(grad, tree, opt_state, ids[0], am[0], lm[0])[1]
+      zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+
+      def micro(carry, xs):
+        total, acc = carry
+        w, i, a, m = xs
+        loss, g = grad(tree, opt_state, i, a, m)
+        acc = jax.tree.map(lambda s, x: s + (w * x).astype(s.dtype), acc, g)
+        return (total + w * loss, acc), None
+
+      (loss, g), _ = jax.lax.scan(micro, (jnp.zeros((), jnp.float32), zeros),
+                                  (weights, ids, am, lm))
+      tree, opt_state = apply(tree, opt_state, g)
+      return tree, opt_state, loss
     return step
 
   # --- the Backend protocol -----------------------------------------------------
@@ -185,7 +239,11 @@ class JaxBackend:
     total = sum(x.size for x in jax.tree.leaves(self.params))
     state = losia_jax.state_nbytes(self.opt_state)
     lines = [f"model: {self.source.description} ({total / 1e6:.1f} M parameters, "
-             f"{self.config.num_hidden_layers} layers); backend jax ({jax.devices()[0].platform})",
+             f"{self.config.num_hidden_layers} layers); backend jax ({jax.devices()[0].platform}), "
+             + ("fp32" if self.settings.precision == "fp32" else
+                "fp32 weights, bf16 compute")
+             + (f", {self.settings.grad_accum} micro-batches per step"
+                if self.settings.grad_accum > 1 else ""),
              f"method: {self.settings.method}; trainable parameters {self.trainable_params():,} "
              f"({self.trainable_params() / total:.2%}); optimizer state "
              f"{state / 2**20:.1f} MiB (AdamW on all: {8 * total / 2**20:.1f} MiB)"]
@@ -196,9 +254,18 @@ class JaxBackend:
   def train_step(self, batch: Batch) -> dict[str, float]:
     lr = float(self._lr[min(self._lr_count(), len(self._lr) - 1)])
     skipped_before = self._skipped()
+    arrays = [np.asarray(x) for x in batch]
+    n = self.settings.grad_accum
+    if n > 1:
+      # [N, B/N, S]: every micro-batch has the step's width (one compiled shape per width).
+      if arrays[0].shape[0] % n:
+        raise ValueError(f"a batch of {arrays[0].shape[0]} sequences cannot be split into "
+                         f"{n} equal micro-batches")
+      arrays = [x.reshape(n, x.shape[0] // n, *x.shape[1:]) for x in arrays]
+    ids, am, lm = arrays
     tree, self.opt_state, loss = self._step_fn(
-        self._trainable_tree(), self.opt_state, jnp.asarray(batch.input_ids, jnp.int32),
-        jnp.asarray(batch.attention_mask, jnp.int32), jnp.asarray(batch.loss_mask, jnp.float32))
+        self._trainable_tree(), self.opt_state, jnp.asarray(ids, jnp.int32),
+        jnp.asarray(am, jnp.int32), jnp.asarray(lm, jnp.float32))
     if self.lora is not None:
       self.params, self.lora = tree
     else:

@@ -2,7 +2,13 @@
 
 Implements :class:`losia_cli.backend.Backend` with ``losia_torch`` (methods
 ``losia`` and ``losia-pro``), ``torch.optim.AdamW`` (``full``) and PEFT LoRA
-(``lora``). The model is trained in fp32, on the GPU when torch sees one.
+(``lora``). The weights, the optimizer state and the loss are fp32; with
+``precision="bf16"`` the forward and backward run under ``torch.autocast``
+(bfloat16) on those fp32 weights, so no fp32 master copies are needed and the
+optimizer sees fp32 gradients. ``grad_accum`` micro-batches are summed, each
+weighted by its loss tokens, before one step; ``gradient_checkpointing`` turns
+on transformers' (non-reentrant) activation checkpointing. On the GPU when
+torch sees one.
 
 Checkpoint layout (one directory, written whole by :meth:`TorchBackend.save_checkpoint`):
 
@@ -29,7 +35,8 @@ import torch.nn.functional as F
 import transformers
 
 import losia_torch
-from losia_cli.backend import METHODS, Batch, ModelSource, TrainSettings
+from losia_cli import data as _data
+from losia_cli.backend import METHODS, PRECISIONS, Batch, ModelSource, TrainSettings
 from losia_cli.schedules import lr_multiplier
 from losia_common import LoSiAConfig
 from losia_common import names as _names
@@ -123,6 +130,22 @@ def load_model(source: ModelSource) -> transformers.PreTrainedModel:
   raise ValueError(f"unknown model source kind {source.kind!r} (expected 'hf' or 'gguf')")
 
 
+def _enable_checkpointing(model: transformers.PreTrainedModel) -> None:
+  """transformers' activation checkpointing of every decoder layer, non-reentrant.
+
+  Non-reentrant: gradients reach every parameter inside a checkpointed layer
+  even when its input does not require grad (frozen embeddings, LoRA), and
+  LoSiA-Pro's compact gradient leaves are filled like any other.
+  """
+  if not getattr(model, "supports_gradient_checkpointing", False):
+    raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
+  kw = {"use_reentrant": False}
+  if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+  else:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+
+
 def _lora_target_modules(model: torch.nn.Module, losia_config) -> list[str]:
   """Full module names of the matrices LoSiA would target, for PEFT.
 
@@ -172,6 +195,11 @@ class TorchBackend:
     if settings.method not in METHODS:
       raise ValueError(f"method must be one of {', '.join(METHODS)}; got {settings.method!r}")
     lr_multiplier(0, settings.lr_schedule, settings.warmup_steps, settings.total_steps)  # validates
+    if settings.precision not in PRECISIONS:
+      raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got "
+                       f"{settings.precision!r}")
+    if settings.grad_accum < 1:
+      raise ValueError(f"grad_accum must be >= 1; got {settings.grad_accum}")
     self.source = source
     self.settings = settings
     self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -188,6 +216,8 @@ class TorchBackend:
     self.step = 0
     self.model_params = sum(p.numel() for p in base.parameters())
     self._stepped = False  # optimizer state exists in full only after a step
+    if settings.gradient_checkpointing:
+      _enable_checkpointing(base)
 
     s = settings
     self.losia_opt: Optional[losia_torch.LoSiAOptimizer] = None
@@ -267,8 +297,13 @@ class TorchBackend:
 
   def describe(self) -> str:
     s = self.settings
+    how = "fp32" if s.precision == "fp32" else "fp32 weights, bf16 autocast"
+    if s.grad_accum > 1:
+      how += f", {s.grad_accum} micro-batches per step"
+    if s.gradient_checkpointing:
+      how += ", gradient checkpointing"
     lines = [(f"model: {self.source.description} ({self.source.kind}), "
-              f"{self.model_params:,} parameters, fp32 on {self.device}")]
+              f"{self.model_params:,} parameters, {how} on {self.device}")]
     if self.losia_opt is not None:
       c = s.losia
       lines.append(f"method: {s.method} (rank_factor {c.rank_factor}, output_rank_factor "
@@ -299,17 +334,44 @@ class TorchBackend:
 
   # --- training ----------------------------------------------------------------
 
-  def train_step(self, batch: Batch) -> dict[str, float]:
+  def _micro_loss(self, batch: Batch) -> torch.Tensor:
+    """The masked mean loss of one (micro-)batch, in fp32, with the forward under autocast."""
     dev = self.device
     ids = torch.as_tensor(np.asarray(batch.input_ids), dtype=torch.int64, device=dev)
     attn = torch.as_tensor(np.asarray(batch.attention_mask), dtype=torch.int64, device=dev)
     mask = torch.as_tensor(np.asarray(batch.loss_mask), dtype=torch.float32, device=dev)
+    with torch.autocast(dev.type, dtype=torch.bfloat16,
+                        enabled=self.settings.precision == "bf16"):
+      logits = self.model(input_ids=ids, attention_mask=attn, use_cache=False).logits
+    return masked_next_token_loss(logits, ids, mask)
+
+  def _forward_backward(self, batch: Batch) -> float:
+    """Accumulates the step's gradient into ``.grad``; returns the step's loss.
+
+    One micro-batch: ``loss.backward()``. ``N = grad_accum`` micro-batches:
+    each loss is weighted by its share of the batch's loss tokens before its
+    backward, so the summed gradient is that of the whole batch's token mean.
+    """
+    n = self.settings.grad_accum
+    if n == 1:
+      loss = self._micro_loss(batch)
+      loss.backward()
+      return float(loss.detach())
+    parts = _data.micro_batches(batch, n)
+    counts = [_data.loss_tokens(p) for p in parts]
+    total = sum(counts)
+    value = 0.0
+    for part, count in zip(parts, counts):
+      weight = count / total if total > 0 else 0.0
+      loss = self._micro_loss(part) * weight
+      loss.backward()
+      value += float(loss.detach())
+    return value
+
+  def train_step(self, batch: Batch) -> dict[str, float]:
     self.model.train()
     lr = float(self.optimizer.param_groups[0]["lr"])  # the rate this step uses
-    logits = self.model(input_ids=ids, attention_mask=attn, use_cache=False).logits
-    loss = masked_next_token_loss(logits, ids, mask)
-    loss.backward()
-    out = {"loss": float(loss.detach()), "lr": lr}
+    out = {"loss": self._forward_backward(batch), "lr": lr}
     grad_norm = None
     if self.settings.max_grad_norm > 0:
       if self.losia_opt is not None:
