@@ -220,43 +220,68 @@ def scale_by_losia(
           out.append((b, j, l, off + l))
     return out
 
-  def layer_switch(plan: LoSiAPlan, index, branch, default, *operands):
-    """``lax.switch`` over layer ids (0: ``default``; ``lid + 1``: ``branch(lid, ...)``).
+  def direct(b: Bucket) -> bool:
+    """A bucket read at the owner's position by dynamic indexing: one stacked leaf."""
+    return len(b.members) == 1 and b.first.stacked
 
-    One conditional for all roles: XLA conditionals are sync points on CPU, so
-    one per step is much cheaper than one per role or per matrix.
+  def per_owner(plan: LoSiAPlan, owner, fn, zeros, *operands):
+    """``{role: fn(b, j, l, *operands)}`` for the matrix of each role in layer ``owner``.
+
+    Stacked leaves are read at the owner's index (``l`` traced), with no
+    conditional; the owner may hold no matrix of such a role (``mine`` false),
+    then the value is of some other layer and callers mask it. The other
+    buckets go through one ``lax.switch`` over layer ids whose branches only
+    apply ``fn`` to the owner's matrices (``zeros(b)`` where it holds none): the
+    importance math, gathers and masks run once, outside. XLA conditionals are
+    sync points on CPU and every branch is compiled, so branches stay tiny.
     """
-    fns = [default] + [functools.partial(branch, lid) for lid in range(plan.total)]
-    return jax.lax.switch(index, fns, *operands)
+    out = {}
+    for b in plan.buckets:
+      if direct(b):
+        out[b.role] = fn(b, 0, owner_of(b, plan, owner)[1], *operands)
+    switched = [b for b in plan.buckets if not direct(b)]
+    if switched:
+      none = lambda *ops: {b.role: zeros(b) for b in switched}
 
-  def inspect_owner(plan: LoSiAPlan, state: LoSiAState, w_leaves, gv, owner):
-    """Async, before any weight is written: the old blocks of the profiling
-    layer's matrices (``{role: block}``) and whether its full gradients are finite."""
-    shapes = {b.role: jnp.zeros(b.first.block_shape, w_leaves[b.first.leaf_index].dtype)
-              for b in plan.buckets}
+      def branch(lid, *ops):
+        vals = none()
+        for b, j, l, _ in at_layer(plan, lid):
+          if not direct(b):
+            vals[b.role] = fn(b, j, l, *ops)
+        return vals
 
+      fns = [none] + [functools.partial(branch, lid) for lid in range(plan.total)]
+      out.update(jax.lax.switch(owner + 1, fns, *operands))
+    return out
+
+  def mine(plan: LoSiAPlan, b: Bucket, owner):
+    return owner_of(b, plan, owner)[0] > 0
+
+  def inspect_owner(plan: LoSiAPlan, gv, owner):
+    """Async: whether the profiling layer's full gradients are finite, and their
+    squared norm (for ``clip_norm``)."""
     zero = jnp.zeros([], jnp.float32)
 
-    def branch(lid, w_leaves, g_ops):
-      blks, ok, sq = dict(shapes), jnp.array(True), zero
-      for b, j, l, p in at_layer(plan, lid):
-        t, ts = b.members[j], state.targets[b.role]
-        w = blocks.layer_slice(w_leaves[t.leaf_index], t, l)
-        g = gv.layer(g_ops, b, j, l)
-        blks[b.role] = blocks.get_layer_block(w, t, ts.rows[p], ts.cols[p])
-        ok = ok & jnp.all(jnp.isfinite(g))
-        if clip_norm is not None:
-          sq = sq + sq_norm(g)
-      return blks, ok, sq
+    def check(b, j, l, g_ops):
+      g = gv.layer(g_ops, b, j, l)
+      return jnp.all(jnp.isfinite(g)), (sq_norm(g) if clip_norm is not None else zero)
 
-    return layer_switch(plan, owner + 1, branch,
-                        lambda w, g: (dict(shapes), jnp.array(True), zero), w_leaves, gv.ops)
+    res = per_owner(plan, owner, check, lambda b: (jnp.array(True), zero), gv.ops)
+    ok, sq = jnp.array(True), zero
+    for b in plan.buckets:
+      m = mine(plan, b, owner)
+      ok = ok & (res[b.role][0] | ~m)
+      sq = sq + jnp.where(m, res[b.role][1], 0.0)
+    return ok, sq
 
-  def profile(plan: LoSiAPlan, state: LoSiAState, prod_layer, w_leaf, gv, owner, finite, coef):
+  def profile(plan: LoSiAPlan, state: LoSiAState, w_src, w_leaf, gv, owner, finite, coef,
+              fix_block=None):
     """Accumulates the importance of the profiling layer(s).
 
-    ``prod_layer(b, j, l, pos, g)`` gives ``W ⊙ g`` (fp32) and ``w_leaf(b, j)`` the
-    member weights, with the weights as they were *before* this step's update.
+    ``w_src`` are the weight leaves the products ``W ⊙ G`` read, ``w_leaf(b, j)``
+    the member weights (sync), with the weights as they were *before* this step's
+    update; in the fused path ``w_src`` are the updated leaves and
+    ``fix_block(b, prod, g)`` puts the product of the old block back (async).
     ``coef`` is the clip factor of the gradients (None: no clipping).
     """
     clipped = (lambda g: g) if coef is None else (lambda g: g.astype(jnp.float32) * coef)
@@ -269,26 +294,23 @@ def scale_by_losia(
     upd = lambda slot, w, g: accumulate_importance(slot, product(w, g), cfg.importance, b1, b2,
                                                    fresh=fresh_window)
     if is_async:
-      # Only the products W ⊙ G of the owner's matrices cross the layer switch; the
-      # buffers are updated outside it, elementwise and masked by whether the owner
-      # holds a matrix of the role. XLA copies any buffer passed through a
-      # conditional (in the branch and again into the donated output): with one
-      # LLaMA-7B layer's buffers (1.6 GB) that was two copies of them per step.
-      zero = {b.role: jnp.zeros(importance[b.role].ibar.shape, jnp.float32)
-              for b in plan.buckets}
+      # Only the products W ⊙ G of the owner's matrices come out of the layer
+      # switch; the buffers are updated outside it, elementwise and masked by
+      # whether the owner holds a matrix of the role. XLA copies any buffer passed
+      # through a conditional (in the branch and again into the donated output):
+      # with one LLaMA-7B layer's buffers (1.6 GB) that was two copies per step.
+      def prod(b, j, l, w_src, g_ops):
+        t = b.members[j]
+        return product(blocks.layer_slice(w_src[t.leaf_index], t, l),
+                       clipped(gv.layer(g_ops, b, j, l)))
 
-      def branch(lid, g_ops):
-        prods = dict(zero)
-        for b, j, l, p in at_layer(plan, lid):
-          prods[b.role] = prod_layer(b, j, l, p, clipped(gv.layer(g_ops, b, j, l)))
-        return prods
-
-      prods = layer_switch(plan, jnp.where(finite, owner + 1, 0), branch,
-                           lambda g: dict(zero), gv.ops)
+      zeros = lambda b: jnp.zeros(importance[b.role].ibar.shape, jnp.float32)
+      prods = per_owner(plan, jnp.where(finite, owner, -1), prod, zeros, w_src, gv.ops)
       for b in plan.buckets:
+        p = prods[b.role] if fix_block is None else fix_block(b, prods[b.role], clipped)
         importance[b.role] = accumulate_importance(
-            importance[b.role], prods[b.role], cfg.importance, b1, b2,
-            active=finite & (owner_of(b, plan, owner)[0] > 0), fresh=fresh_window)
+            importance[b.role], p, cfg.importance, b1, b2,
+            active=finite & mine(plan, b, owner), fresh=fresh_window)
       return importance
     g_leaves = gv.ops
 
@@ -396,22 +418,22 @@ def scale_by_losia(
     s = state.count
     owner = slot_owner(s, T, plan.total)
     lr = lr_at(s)
-    # Old blocks of every matrix are needed for weight decay, and in sync mode
+    # Old blocks of every matrix are needed for weight decay, and in the fused path
     # to restore "weights before the step" for profiling after the scatter.
-    need_all_w = has_decay or inner_params or master_weights or not is_async
+    need_all_w = has_decay or inner_params or master_weights or not is_async or fused
 
-    gblk, wblk, wown = {}, {}, {}
+    gblk, wblk = {}, {}
     finite = jnp.array(True)
     for b in plan.buckets:
       ts = state.targets[b.role]
       gblk[b.role] = gv.block(b, lambda leaves, b, ts=ts: gather_all(leaves, b, ts)
                               ).astype(jnp.float32)
       finite = finite & jnp.all(jnp.isfinite(gblk[b.role]))
-      if need_all_w:
+      if need_all_w and not (fused and is_async):
         wblk[b.role] = gather_all(w_leaves, b, ts)
     owner_sq = jnp.zeros([], jnp.float32)
     if is_async:
-      wown, ok, owner_sq = inspect_owner(plan, state, w_leaves, gv, owner)
+      ok, owner_sq = inspect_owner(plan, gv, owner)
       finite = finite & ok
     if not is_async:
       finite = finite & jax.lax.cond(
@@ -419,6 +441,20 @@ def scale_by_losia(
           lambda g: jnp.array(True), gv.ops)
     if train_non_targets:
       finite = finite & all_finite(gv.leaf(k, i) for k, i in plan.non_targets)
+    if fused and is_async:
+      # Profiling reads the old blocks again after the in-place scatter. Gathered
+      # in a conditional that also yields `finite`, on which every scatter
+      # depends, they are read before the weights are written; gathered outside,
+      # XLA copies every target weight. (Zeros when the step is skipped: unused.)
+      def read(w):
+        return {b.role: gather_all(w, b, state.targets[b.role]) for b in plan.buckets}, True
+
+      def skip(w):
+        return {b.role: jnp.zeros((b.size,) + b.first.block_shape, w[b.first.leaf_index].dtype)
+                for b in plan.buckets}, False
+
+      wblk, finite = jax.lax.cond(finite, read, skip,
+                                  {t.leaf_index: w_leaves[t.leaf_index] for t in plan.targets})
     coef = None
     if clip_norm is not None:
       coef = clip_factor(read_norm(plan, gv, gblk, owner, owner_sq), clip_norm)
@@ -479,18 +515,20 @@ def scale_by_losia(
       nt_updates, non_target = jax.lax.cond(finite, nt_step, nt_skip, nt_g, nt_w,
                                             state.non_target, lr)
     return dict(plan=plan, state=state, gv=gv, s=s, owner=owner, finite=finite, coef=coef,
-                wblk=wblk, wown=wown, deltas=deltas, masters=masters, targets=targets,
+                wblk=wblk, gblk=gblk, deltas=deltas, masters=masters, targets=targets,
                 nt_updates=nt_updates,
                 non_target=non_target)
 
-  def finish(c, prod_layer, w_leaf, new_blocks) -> LoSiAState:
+  def finish(c, w_src, w_leaf, new_blocks, fix_block=None) -> LoSiAState:
     """Profiling and relocalization, after the blocks were updated.
 
     ``new_blocks(b, ts)`` reads the blocks ``ts`` indexes from the updated
-    weights (for the master copies of blocks that just moved).
+    weights (for the master copies of blocks that just moved); for ``w_src``,
+    ``w_leaf`` and ``fix_block`` see ``profile``.
     """
     plan, state, s, owner, finite = c["plan"], c["state"], c["s"], c["owner"], c["finite"]
-    importance = profile(plan, state, prod_layer, w_leaf, c["gv"], owner, finite, c["coef"])
+    importance = profile(plan, state, w_src, w_leaf, c["gv"], owner, finite, c["coef"],
+                         fix_block)
     targets = relocalize(plan, c["targets"], importance, owner, finite & ends_slot(s, T), s)
     if master_weights:
       for b in plan.buckets:
@@ -530,10 +568,7 @@ def scale_by_losia(
     def new_blocks(b, ts):  # what optax.apply_updates will make of the blocks
       return gather_all(w_leaves, b, ts) + gather_all(out, b, ts)
 
-    new_state = finish(
-        c, lambda b, j, l, p, g: product(
-            blocks.layer_slice(w_leaves[b.members[j].leaf_index], b.members[j], l), g),
-        lambda b, j: w_leaves[b.members[j].leaf_index], new_blocks)
+    new_state = finish(c, w_leaves, lambda b, j: w_leaves[b.members[j].leaf_index], new_blocks)
     # updates take the structure of the gradients (of the params for Pro gradients)
     treedef = jax.tree_util.tree_structure(params if isinstance(updates, ProGradients)
                                            else updates)
@@ -556,18 +591,23 @@ def scale_by_losia(
     # bit-exact "weights before the step", while reading them before the
     # in-place scatter would make XLA copy every target weight. The old block goes
     # into the product W ⊙ G (a fresh temporary), not into a copy of the weight.
-    def prod_layer(b, j, l, p, g):
-      t, ts = b.members[j], state.targets[b.role]
-      prod = product(blocks.layer_slice(out[t.leaf_index], t, l), g)
-      old = product(c["wown"][b.role], blocks.get_layer_block(g, t, ts.rows[p], ts.cols[p]))
-      return blocks.set_layer_block(prod, t, ts.rows[p], ts.cols[p], old)
+    def fix_block(b, prod, clipped):
+      t, ts = b.first, state.targets[b.role]
+      p = owner_of(b, c["plan"], c["owner"])[2]
+      r, k = ts.rows[p], ts.cols[p]
+      if isinstance(c["gv"], _ProGrads) and not t.row_mode:  # Pro: the profile's own block
+        g = blocks.get_layer_block(clipped(c["gv"].grads.profile[b.role]), t, r, k)
+      else:  # the (clipped) gradient block this step gathered
+        g = c["gblk"][b.role][p]
+      old = product(c["wblk"][b.role][p], g)
+      return blocks.set_layer_block(prod, t, r, k, old)
 
     def w_leaf(b, j):
       t, ts = b.members[j], state.targets[b.role]
       return blocks.set_block(out[t.leaf_index], t, span(ts.rows, b, j), span(ts.cols, b, j),
                               span(c["wblk"][b.role], b, j))
 
-    new_state = finish(c, prod_layer, w_leaf, lambda b, ts: gather_all(out, b, ts))
+    new_state = finish(c, out, w_leaf, lambda b, ts: gather_all(out, b, ts), fix_block)
     return jax.tree_util.tree_unflatten(treedef, out), new_state
 
   return _make(init_fn, update_fn, apply_fn, plan_of, inner=base, config=cfg)

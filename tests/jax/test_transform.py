@@ -292,6 +292,51 @@ def test_stacked_layers_equal_unstacked():
   assert int(t1["self_attn.q_proj"].last_relocalization.max()) >= 0  # relocalized
 
 
+@pytest.mark.parametrize("clip_norm", [None, 0.5])
+def test_stacked_layers_compile_without_a_switch_over_layers(clip_norm):
+  """Stacked (scan-over-layers) leaves are read at the profiling layer's index by
+  dynamic slicing: the compiled step has no multi-way conditional over layers, its
+  size does not grow with the layer count, and it trains as the unstacked plan does."""
+  cfg = losia_jax.LoSiAConfig(rank_factor=0.34, period=2)
+  stack = lambda p: {**p, "model": {**p["model"], "layers": jax.tree.map(
+      lambda *x: jnp.stack(x), *p["model"]["layers"])}}
+  sizes = []
+  for n in (3, 6):
+    params = tiny_params(layers=n)
+    tx = losia_jax.losia(0.02, cfg, stacked_layers=True, clip_norm=clip_norm)
+    p = stack(params)
+    step = jax.jit(lambda p, s, g: tx.apply_gradients(g, s, p), donate_argnums=(0, 1))
+    text = step.lower(p, tx.init(p), p).compile().as_text()
+    conds = [l for l in text.splitlines() if " conditional(" in l]
+    # lax.cond (two branches, on `finite` / relocalization) is fine; a switch over
+    # n layers would list n + 1 branch computations
+    assert all(l.count("branch_computations") == 0 or l.split("branch_computations={")[1]
+               .split("}")[0].count(",") <= 1 for l in conds), conds
+    sizes.append(sum(" = " in l for l in text.splitlines()))
+  assert sizes[1] <= sizes[0] * 1.05, sizes
+  # the same trajectory as the unstacked plan (indices exactly, weights to rounding)
+  params = tiny_params()
+  tx1 = losia_jax.losia(0.02, cfg, clip_norm=clip_norm)
+  tx2 = losia_jax.losia(0.02, cfg, stacked_layers=True, clip_norm=clip_norm)
+  p1, p2 = params, stack(params)
+  s1, s2 = tx1.init(p1), tx2.init(p2)
+  rng = np.random.default_rng(5)
+  step1 = jax.jit(lambda p, s, g: tx1.apply_gradients(g, s, p))
+  step2 = jax.jit(lambda p, s, g: tx2.apply_gradients(g, s, p))
+  for _ in range(9):
+    g = random_grads(params, rng)
+    p1, s1 = step1(p1, s1, g)
+    p2, s2 = step2(p2, s2, stack(g))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), stack(p1), p2)
+  i1, i2 = losia_jax.find_losia_state(s1), losia_jax.find_losia_state(s2)
+  for role in i1.targets:
+    for f in ("rows", "cols", "last_relocalization"):
+      np.testing.assert_array_equal(getattr(i1.targets[role], f), getattr(i2.targets[role], f))
+    np.testing.assert_allclose(i1.importance[role].ibar, i2.importance[role].ibar, rtol=1e-5,
+                               atol=1e-9)
+  assert int(i1.targets["self_attn.q_proj"].last_relocalization.max()) >= 0  # relocalized
+
+
 def test_memory_formula_llama_shaped():
   """State bytes = 4 * (2 p^2 target + 2 one-layer targets + non-target state) within 2%."""
   h, i, L, V = 64, 176, 6, 256

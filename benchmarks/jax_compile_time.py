@@ -1,0 +1,152 @@
+"""Compile time of the jitted train step: LoSiA and LoSiA-Pro against full fine-tuning.
+
+SmolLM2-135M shapes (hidden 576, GQA 9/3, intermediate 1536, vocab 49152, tied
+embedding) at several layer counts. For each count, in one process and side by
+side (so drift of a shared machine hits every method alike):
+
+- ``train``: the whole train step (forward, backward, optimizer), as
+  ``losia_cli.jax_backend`` builds it: full = ``apply_if_finite(adamw)`` with
+  ``tx.update`` + ``optax.apply_updates``; losia = ``jax.value_and_grad`` +
+  ``tx.apply_gradients``; losia-pro = ``pro.value_and_grad`` + ``tx.apply_gradients``;
+- ``opt``: the optimizer step alone on parameter-shaped gradients (adamw vs
+  LoSiA's fused step), unstacked and with stacked (scan-over-layers) leaves.
+
+Everything is lowered from abstract shapes (nothing is allocated) with donated
+params and state; the figures are ``lower().compile()`` seconds and the
+number of instructions (and of ``conditional`` instructions) in the optimized
+HLO, which is deterministic where seconds are noisy.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/jax_compile_time.py [--layers 4 8 16 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+import losia_jax
+from losia_jax import pro
+from losia_jax.models import functional, masked_nll
+from losia_jax.models.llama import LlamaForCausalLM, ModelConfig
+
+SMOLLM2 = dict(hidden=576, intermediate=1536, heads=9, kv_heads=3, vocab=49152)
+BATCH, SEQ = 4, 256
+
+
+def model_fns(layers: int):
+  c = SMOLLM2
+  cfg = ModelConfig(vocab_size=c["vocab"], hidden_size=c["hidden"],
+                    intermediate_size=c["intermediate"], num_hidden_layers=layers,
+                    num_attention_heads=c["heads"], num_key_value_heads=c["kv_heads"],
+                    head_dim=c["hidden"] // c["heads"], tie_word_embeddings=True)
+  model = nnx.eval_shape(lambda: LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)))
+  params, apply, _ = functional(model)
+  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  return params, apply
+
+
+def count(text: str) -> tuple[int, int]:
+  """(instructions, conditionals) of an optimized HLO module's text."""
+  lines = [l for l in text.splitlines() if " = " in l and not l.lstrip().startswith("//")]
+  conds = sum(1 for l in lines if re.search(r"\bconditional\(", l))
+  return len(lines), conds
+
+
+def measure(fn, *args) -> dict:
+  lowered = jax.jit(fn, donate_argnums=(0, 1)).lower(*args)
+  t0 = time.perf_counter()
+  compiled = lowered.compile()
+  secs = time.perf_counter() - t0
+  n, conds = count(compiled.as_text())
+  return dict(compile_s=secs, hlo=n, conditionals=conds)
+
+
+def train_steps(layers: int, cfg: losia_jax.LoSiAConfig):
+  params, apply = model_fns(layers)
+  ids = jax.ShapeDtypeStruct((BATCH, SEQ), jnp.int32)
+  loss = lambda p, linear, ids: masked_nll(apply(p, ids, None, linear=linear), ids)
+  full_tx = optax.apply_if_finite(optax.adamw(1e-4, weight_decay=0.0), max_consecutive_errors=2**30)
+  losia_tx = losia_jax.losia(1e-4, cfg, output_module="embed_tokens")
+
+  def full(p, s, ids):
+    l, g = jax.value_and_grad(lambda p: loss(p, None, ids))(p)
+    u, s = full_tx.update(g, s, p)
+    return optax.apply_updates(p, u), s, l
+
+  def losia(p, s, ids):
+    l, g = jax.value_and_grad(lambda p: loss(p, None, ids))(p)
+    p, s = losia_tx.apply_gradients(g, s, p)
+    return p, s, l
+
+  vg = pro.value_and_grad(loss, losia_tx)
+
+  def losia_pro(p, s, ids):
+    l, g = vg(p, s, ids)
+    p, s = losia_tx.apply_gradients(g, s, p)
+    return p, s, l
+
+  fs = jax.eval_shape(full_tx.init, params)
+  ls = jax.eval_shape(losia_tx.init, params)
+  return {"full": (full, params, fs, ids), "losia": (losia, params, ls, ids),
+          "losia-pro": (losia_pro, params, ls, ids)}
+
+
+def opt_steps(layers: int, cfg: losia_jax.LoSiAConfig):
+  params, _ = model_fns(layers)
+  layers_list = params["model"]["layers"]
+  leaves = [layers_list[i]
+            for i in range(layers)]
+  stacked_layers = jax.tree.map(lambda *x: jax.ShapeDtypeStruct((layers,) + x[0].shape, x[0].dtype),
+                                *leaves)
+  stacked = {"model": {**params["model"], "layers": stacked_layers}}
+  adamw = optax.adamw(1e-4, weight_decay=0.0)
+  out = {}
+  for tag, p, tx in (("", params, losia_jax.losia(1e-4, cfg, output_module="embed_tokens")),
+                     (" stacked", stacked, losia_jax.losia(1e-4, cfg, output_module="embed_tokens",
+                                                           stacked_layers=True))):
+    def adam_step(p, s, g):
+      u, s = adamw.update(g, s, p)
+      return optax.apply_updates(p, u), s
+
+    out["adamw" + tag] = (adam_step, p, jax.eval_shape(adamw.init, p), p)
+    out["losia" + tag] = (lambda p, s, g, tx=tx: tx.apply_gradients(g, s, p), p,
+                          jax.eval_shape(tx.init, p), p)
+  return out
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--layers", type=int, nargs="+", default=[4, 8, 16, 30])
+  ap.add_argument("--parts", nargs="+", default=["train", "opt"], choices=["train", "opt"])
+  ap.add_argument("--json", default=None, help="also write the figures to this file")
+  args = ap.parse_args()
+  cfg = losia_jax.LoSiAConfig(rank_factor=0.125, period=10, non_target="freeze")
+  results = {}
+  print(f"SmolLM2-135M shapes, {jax.devices()[0].platform}, jax {jax.__version__}; "
+        f"compile seconds / optimized HLO instructions / conditionals")
+  for part in args.parts:
+    for n in args.layers:
+      steps = (train_steps if part == "train" else opt_steps)(n, cfg)
+      row = {name: measure(*spec) for name, spec in steps.items()}
+      results[f"{part} {n}"] = row
+      base = row["full"] if part == "train" else None
+      cells = []
+      for name, r in row.items():
+        ref = base or row["adamw" + (" stacked" if "stacked" in name else "")]
+        cells.append(f"{name} {r['compile_s']:.1f}s ({r['compile_s'] / ref['compile_s']:.2f}x) "
+                     f"{r['hlo']} hlo {r['conditionals']} cond")
+      print(f"{part:5s} {n:2d} layers: " + " | ".join(cells), flush=True)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()
