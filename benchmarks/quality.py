@@ -403,31 +403,48 @@ class Harness:
         shutil.rmtree(os.path.join(self.o.runs_dir, key, "model"), ignore_errors=True)
 
   def import_probes(self, directory: str) -> None:
-    """Records finished ``losia-finetune`` runs under ``directory`` as loss-only probes."""
+    """Records the ``losia-finetune`` runs under ``directory`` as loss-only probes.
+
+    Finished runs (``summary.json``) and runs still going or stopped (only
+    ``metrics.jsonl``: recorded as partial, compared at matched steps). Flags come
+    from ``directory/probes.txt`` (lines ``NAME FLAGS...``) when it names the run,
+    else from the run's summary.
+    """
+    listed = {}
+    if os.path.exists(os.path.join(directory, "probes.txt")):
+      with open(os.path.join(directory, "probes.txt"), encoding="utf-8") as f:
+        for line in f:
+          if line.strip():
+            name, _, flags = line.strip().partition(" ")
+            listed[name] = flags
     quiet = {"output_dir", "quiet", "plots", "export", "save_every", "eval_size", "backend",
              "steps", "keep_checkpoints", "resume"}
     for name in sorted(os.listdir(directory)):
-      summary = os.path.join(directory, name, "summary.json")
-      if not os.path.exists(summary):
+      metrics = os.path.join(directory, name, "metrics.jsonl")
+      if not os.path.exists(metrics):
         continue
-      with open(summary, encoding="utf-8") as f:
-        s = json.load(f)
-      c = s["config"]
-      flags = []
-      for k in sorted(c["explicit"]):
-        if k in quiet:
-          continue
-        v = c["losia"][k[6:]] if k.startswith("losia.") else c[k]
-        flags.append(f"--{k.removeprefix('losia.').replace('_', '-')} {v}")
-      losses = [json.loads(line)["loss"] for line in open(os.path.join(directory, name,
-                                                                       "metrics.jsonl"))]
+      with open(metrics, encoding="utf-8") as f:
+        losses = [json.loads(line)["loss"] for line in f if line.strip()]
+      summary = os.path.join(directory, name, "summary.json")
+      s: dict[str, Any] = {}
+      if os.path.exists(summary):
+        with open(summary, encoding="utf-8") as f:
+          s = json.load(f)
+      flags = listed.get(name)
+      if flags is None and s:
+        c, parts = s["config"], []
+        for k in sorted(c["explicit"]):
+          if k not in quiet:
+            v = c["losia"][k[6:]] if k.startswith("losia.") else c[k]
+            parts.append(f"--{k.removeprefix('losia.').replace('_', '-')} {v}")
+        flags = " ".join(parts)
       with self.lock:
         self.state.setdefault("probes", {})[name] = {
-            "steps": s["steps"], "flags": " ".join(flags), "final_loss": s["final_loss"],
+            "steps": len(losses), "finished": bool(s), "flags": flags or "?",
+            "final_loss": losses[-1] if losses else None,
             "tail50": quality_report.tail_mean(losses, 50), "losses": losses,
-            "period": (s.get("losia") or {}).get("period"), "backend": c["backend"],
-            "method": c["method"], "lr": c["lr"],
-            "s_per_step": s["timings"].get("train_s", 0) / max(1, s["steps"])}
+            "period": (s.get("losia") or {}).get("period"),
+            "s_per_step": s["timings"].get("train_s", 0) / max(1, s["steps"]) if s else None}
     self.save()
 
   def report(self) -> None:

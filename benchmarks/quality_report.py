@@ -228,13 +228,22 @@ def write(state: dict[str, Any], path: str, opts: dict[str, Any], methods, ablat
   probes = state.get("probes", {})
   if probes:
     add("## Loss-only probes (why does LoSiA under-fit?)\n")
-    add("Short runs varying one factor at a time, training loss only (no evaluation), imported "
-        "with `--import-probes`; same data order and steps within a group.\n")
-    add("| probe | steps | flags | final loss | mean loss, last 50 steps | s/step |")
-    add("|---|---|---|---|---|---|")
-    for name, p in sorted(probes.items(), key=lambda kv: (kv[1]["steps"], kv[1]["tail50"])):
-      add(f"| {name} | {p['steps']} | `{p['flags']}` | {p['final_loss']:.3f} | "
-          f"{p['tail50']:.3f} | {_num(p.get('s_per_step'), '.1f')} |")
+    add("Short runs varying one factor at a time: training loss only, same data order, batch, "
+        "sequence length and learning-rate schedule (a run's total steps fix its schedule, so "
+        "runs stopped early are compared at matched steps). Imported with `--import-probes`. "
+        "Cells: mean training loss over the steps of the column; — where the run had not got "
+        "there.\n")
+    n = max(p["steps"] for p in probes.values())
+    edges = [(a, min(a + 9, n)) for a in range(1, n + 1, 10)]
+    add("| probe | flags | steps run | " + " | ".join(f"{a}–{b}" for a, b in edges) + " |")
+    add("|---|---|---|" + "---|" * len(edges))
+    for name, p in sorted(probes.items()):
+      cells = []
+      for a, b in edges:
+        xs = p["losses"][a - 1:b]
+        cells.append(f"{sum(xs) / len(xs):.3f}" if len(xs) == b - a + 1 else "—")
+      done = f"{p['steps']}" + ("" if p.get("finished", True) else " (partial)")
+      add(f"| {name} | `{p['flags']}` | {done} | " + " | ".join(cells) + " |")
     add("")
   pics = _pictures(state, docs, tasks, labels) if state["runs"] else []
   if pics:
