@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from typing import Optional
 
@@ -61,16 +62,17 @@ def get_losia_optimizer(model: torch.nn.Module, config: Optional[LoSiAConfig] = 
   if freeze_non_targets and non_target != "freeze":
     raise ValueError('freeze_non_targets=True needs config.non_target="freeze"; got '
                      f"non_target={non_target!r} (the non-targets are trained)")
-  if freeze_non_targets and isinstance(model, torch.nn.parallel.DistributedDataParallel) \
+  if freeze_non_targets and (isinstance(model, torch.nn.parallel.DistributedDataParallel)
+                             or _ddp_wrapper_of(model) is not None) \
       and any(p.requires_grad for _, p in opt.plan.non_targets):
     # DDP fixed the set of parameters it reduces when it was built; freezing some now
     # makes its reducer wait for gradients that never come ("Expected to have finished
     # reduction in the prior iteration" at the second step).
     raise ValueError(
         'non_target="freeze" sets requires_grad=False on the non-targets, which '
-        "DistributedDataParallel must see when it is built: call get_losia_optimizer on the "
-        "model first, then wrap the model in DistributedDataParallel (or pass "
-        "freeze_non_targets=False)")
+        "DistributedDataParallel must see when it is built, and this model is already "
+        "wrapped: call get_losia_optimizer on the model first, then wrap the model in "
+        "DistributedDataParallel (or pass freeze_non_targets=False)")
   report = opt.summary()
   if freeze_non_targets:
     frozen = [p for _, p in opt.plan.non_targets if p.requires_grad]
@@ -86,3 +88,29 @@ def get_losia_optimizer(model: torch.nn.Module, config: Optional[LoSiAConfig] = 
   if verbose:
     print(report)
   return opt
+
+
+def _ddp_wrapper_of(model: torch.nn.Module):
+  """The ``DistributedDataParallel`` that already wraps ``model`` (``ddp.module``), if any.
+
+  A module does not know its parent, so this looks for a DDP instance among the
+  referrers of ``model`` (the wrapper's ``_modules`` dict, its instance dict);
+  only under an initialized process group, where DDP can exist (~0.1 s).
+  """
+  dist = torch.distributed
+  if not (dist.is_available() and dist.is_initialized()):
+    return None
+  seen, frontier = set(), [model]
+  for _ in range(3):  # model <- _modules dict <- instance dict <- the wrapper
+    nxt = []
+    for obj in frontier:
+      for ref in gc.get_referrers(obj):
+        if id(ref) in seen or ref is frontier:
+          continue
+        seen.add(id(ref))
+        if isinstance(ref, torch.nn.parallel.DistributedDataParallel) and ref.module is model:
+          return ref
+        if isinstance(ref, dict):
+          nxt.append(ref)
+    frontier = nxt
+  return None

@@ -52,6 +52,13 @@ def _worker(rank, world, init_file, out_dir, freeze=False):
         wrong_order = ""
       except ValueError as e:
         wrong_order = str(e)
+      inner = Toy(layers=3)  # the order docs once showed: wrap, then build on ddp.module
+      wrapped = torch.nn.parallel.DistributedDataParallel(inner)
+      try:
+        losia_torch.get_losia_optimizer(wrapped.module, FREEZE, verbose=False)
+        wrong_order += "\nddp.module: not refused"
+      except ValueError as e:
+        wrong_order += "\nddp.module: " + str(e)
       opt = losia_torch.get_losia_optimizer(model, FREEZE, lr=1e-2, weight_decay=0.01,
                                             verbose=False)
       ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -89,6 +96,8 @@ def test_ddp_ranks_agree_and_match_a_single_process(tmp_path, freeze):
   _train(model, opt, _batches())
   if freeze:
     assert "then wrap the model in DistributedDataParallel" in r0["wrong_order"]
+    ddp_module = r0["wrong_order"].split("\nddp.module: ")[1]
+    assert "already wrapped" in ddp_module, ddp_module
   assert r0["step"] == r1["step"] == opt.losia_step == STEPS
   assert "does not work with data parallelism" in r0["refused"]
   for name, (rows, cols) in r0["indices"].items():
