@@ -254,7 +254,7 @@ class JaxBackend:
   def train_step(self, batch: Batch) -> dict[str, float]:
     lr = float(self._lr[min(self._lr_count(), len(self._lr) - 1)])
     skipped_before = self._skipped()
-    arrays = [np.asarray(x) for x in batch]
+    arrays = _pad_to_bucket([np.asarray(x) for x in batch], self.settings.seq_len)
     n = self.settings.grad_accum
     if n > 1:
       # [N, B/N, S]: every micro-batch has the step's width (one compiled shape per width).
@@ -355,3 +355,16 @@ class JaxBackend:
 
   def export_hf(self, directory: str) -> None:
     save_hf(self._merge(self._export_params()), self.hf_config, directory)
+
+
+def _pad_to_bucket(arrays: list, seq_len: int) -> list:
+  """Pads (ids, attention mask, loss mask) on the right to the next power of two (at
+  most ``seq_len``): XLA compiles one step per width, so a few width buckets cost a
+  few compilations, where every multiple of 8 could cost one each (~30 s on SmolLM2).
+  Padded positions are masked out of attention and loss, so nothing else changes."""
+  width = arrays[0].shape[-1]
+  bucket = min(seq_len, 1 << max(3, (width - 1).bit_length()))
+  if bucket <= width:
+    return arrays
+  pad = [(0, 0)] * (arrays[0].ndim - 1) + [(0, bucket - width)]
+  return [np.pad(x, pad) for x in arrays]
