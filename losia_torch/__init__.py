@@ -4,8 +4,10 @@ Public API:
 - :class:`LoSiAOptimizer`: the optimizer (compact Adam per target block,
   importance profiling, relocalization, rewarm, non-target policy);
 - :func:`get_losia_optimizer`: one-call setup for a (transformers) model, with a report;
-- :func:`enable_pro`, :func:`disable_pro`, :class:`LoSiAProLinear`: LoSiA-Pro
-  (linear layers whose backward computes only the block gradient);
+- :func:`enable_pro`, :func:`disable_pro` (also optimizer methods): LoSiA-Pro, which
+  swaps :class:`ProLayer` classes in for the target linear layers (their backward
+  computes only the block gradient); :class:`LoSiAProLinear`, :func:`pro_linear`: the
+  autograd function they call;
 - :func:`enable_per_layer_step`, :func:`disable_per_layer_step` (also optimizer
   methods): the optional mode that updates each parameter inside backward;
 - :class:`LoSiATrainer`: ``transformers.Trainer`` with LoSiA's optimizer and clipping
@@ -14,6 +16,19 @@ Public API:
 - :func:`select_subnet`, :func:`select_rows`, :func:`instant_importance`,
   :func:`update_importance`, :func:`rewarm_factor`: the pure pieces of the method;
 - :func:`make_plan`, :class:`LoSiAPlan`, :class:`TargetSpec`: where LoSiA acts.
+
+Layout (module: what it holds). ``optimizer``: the ``LoSiAOptimizer`` class (public
+methods, the outline of a step, the small interface the other modules use);
+``param_groups``: what it is built from; ``targets``: the plan; ``blocks``: per-target
+state and the block of a tensor; ``gradients``: which gradient values a step reads,
+the non-finite check, clipping; ``step``: a step's collect / apply / finish;
+``update``: the Adam updates; ``relocalization``: importance and new blocks;
+``checkpoint``: state dicts, following the parameters' device; ``pro``: LoSiA-Pro's
+autograd function and layer classes; ``layerwise``: updates inside backward;
+``fsdp``: the FSDP2 form of the step and of checkpoints; ``attach``:
+``get_losia_optimizer``; ``trainer``: ``LoSiATrainer``; ``adam``, ``importance``,
+``schedule``, ``selection``: the pure pieces. Imports go one way: no module imports
+``optimizer`` but ``attach`` and ``trainer``.
 """
 
 from losia_common import LoSiAConfig, LoSiAConfigError
@@ -21,8 +36,9 @@ from losia_torch.attach import get_losia_optimizer
 from losia_torch.importance import (ImportanceSlot, importance_score, instant_importance,
                                     update_importance)
 from losia_torch.layerwise import disable_per_layer_step, enable_per_layer_step
-from losia_torch.optimizer import NONFINITE_MESSAGE, LoSiAOptimizer
-from losia_torch.pro import LoSiAProLinear, disable_pro, enable_pro, pro_linear
+from losia_torch.gradients import NONFINITE_MESSAGE
+from losia_torch.optimizer import LoSiAOptimizer
+from losia_torch.pro import LoSiAProLinear, ProLayer, disable_pro, enable_pro, pro_linear
 from losia_torch.schedule import ends_slot, rewarm_factor
 from losia_torch.selection import select_rows, select_subnet, top_k_indices
 from losia_torch.targets import LoSiAPlan, TargetSpec, make_plan
@@ -36,6 +52,7 @@ __all__ = [
     "LoSiAProLinear",
     "LoSiATrainer",
     "NONFINITE_MESSAGE",
+    "ProLayer",
     "TargetSpec",
     "disable_per_layer_step",
     "disable_pro",

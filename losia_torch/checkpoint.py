@@ -1,6 +1,8 @@
 """Where the LoSiA optimizer state lives: checkpoints, and following the parameters' device.
 
-Kept apart from the step so that ``optimizer.py`` holds only the method.
+Kept apart from the step so that ``optimizer.py`` holds only the method. Uses the
+optimizer's documented interface (``importance``, ``pro_blocks``, ``slot_key``,
+``sync_pro_blocks``; see :class:`losia_torch.LoSiAOptimizer`).
 
 - ``state_dict`` / ``load_state_dict``: torch's format plus a ``"losia"`` entry,
   keeping saved dtypes (int64 indices, fp32 moments; torch's default would cast
@@ -9,7 +11,8 @@ Kept apart from the step so that ``optimizer.py`` holds only the method.
   left out, so a checkpoint is the same with and without Pro.
 - ``follow_parameters``: state tensors move to their parameter's device when
   the model moved after the optimizer was built (``model.to("cuda")``,
-  ``model.double()``: the Trainer and accelerate build the optimizer first).
+  ``model.double()``: the Trainer and accelerate build the optimizer first);
+  LoSiA-Pro's delta leaves take the weight's dtype and device in place.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ def clone_state_value(v: Any, device: torch.device) -> Any:
 
 def groups_without_deltas(opt) -> list[dict]:
   """``opt.param_groups`` with LoSiA-Pro's delta leaves (and their names) left out."""
-  deltas = {id(h.delta) for h in opt._pro.values()}
+  deltas = {id(b.delta) for b in opt.pro_blocks.values()}
   out = []
   for g in opt.param_groups:
     keep = [i for i, p in enumerate(g["params"]) if id(p) not in deltas]
@@ -59,7 +62,7 @@ def state_dict(opt, base_state_dict) -> dict[str, Any]:
   sd["losia"] = {
       "step": opt.losia_step,
       "num_skipped_steps": opt.num_skipped_steps,
-      "importance": {k: slot.state_dict() for k, slot in opt._importance.items()},
+      "importance": {k: slot.state_dict() for k, slot in opt.importance.items()},
       "config": opt.config.to_dict(),
       "targets": [t.name for t in opt.plan.targets],
   }
@@ -87,13 +90,14 @@ def load_state_dict(opt, state_dict: dict[str, Any], base_load_state_dict) -> No
   check_compatible(opt, extra.get("config", {}), extra.get("targets", []))
   saved_state = sd.get("state", {})
   sd["state"] = {}
-  handles = list(opt._pro.values())
   opt.param_groups = groups_without_deltas(opt)
   try:
     base_load_state_dict(sd)  # hyper-parameters; torch rebuilds the group dicts
   finally:
-    for h in handles:  # the deltas go back into the (new) groups
-      _pro.attach_delta(opt, h)
+    for t in opt.plan.targets:  # the deltas go back into the (new) groups
+      block = opt.pro_blocks.get(id(t.param))
+      if block is not None:
+        _pro.add_delta(opt.param_groups, t.param, block.delta, t.name)
   params = [p for g in groups_without_deltas(opt) for p in g["params"]]
   saved_ids = [i for g in sd["param_groups"] for i in g["params"]]
   id_map = dict(zip(saved_ids, params))
@@ -115,30 +119,28 @@ def load_state_dict(opt, state_dict: dict[str, Any], base_load_state_dict) -> No
   opt.losia_step = int(extra["step"])
   opt.num_skipped_steps = int(extra.get("num_skipped_steps", 0))
   dev = params[0].device if params else torch.device("cpu")
-  opt._importance = {
+  opt.importance = {
       k: ImportanceSlot(clone_state_value(v["ibar"], dev), clone_state_value(v["ubar"], dev))
       for k, v in extra.get("importance", {}).items()}
-  _pro.sync_handles(opt)
+  opt.sync_pro_blocks()
 
 
 def follow_parameters(opt) -> None:
   """Moves every state tensor to its parameter's device (dtypes stay: int64, fp32).
 
   Cheap when nothing moved (one device comparison per parameter). LoSiA-Pro's
-  delta leaves are rebuilt with the weight's dtype and device (they hold no
-  state, only the gradient of the current step).
+  delta leaves take the weight's dtype and device (they hold no state, only the
+  gradient of the current step; a Pro layer does the same in its forward).
   """
   for p, st in opt.state.items():
     for k, v in st.items():
       if isinstance(v, torch.Tensor) and v.device != p.device:
         st[k] = v.to(p.device)
   for t in opt.plan.targets:
-    slot = opt._importance.get(opt._slot_key(t))
+    slot = opt.importance.get(opt.slot_key(t))
     if slot is not None and slot.ibar.device != t.param.device:
       slot.ibar, slot.ubar = slot.ibar.to(t.param.device), slot.ubar.to(t.param.device)
-    h = opt._pro.get(id(t.param))
-    if h is not None and (h.delta.device != t.param.device or h.delta.dtype != t.param.dtype):
-      _pro.detach_delta(opt, h)
-      h.delta = _pro.new_delta(t, t.param)
-      _pro.attach_delta(opt, h)
-  _pro.sync_handles(opt)
+    block = opt.pro_blocks.get(id(t.param))
+    if block is not None:
+      block.follow(t.param)
+  opt.sync_pro_blocks()

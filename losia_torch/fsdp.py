@@ -31,6 +31,7 @@ its input neurons), no LoSiA-Pro (see :data:`PRO_MESSAGE`), no per-layer steppin
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections import defaultdict
 from typing import Any, Optional
@@ -39,9 +40,15 @@ import torch
 import torch.distributed as dist
 
 from losia_torch import schedule as _sched
+from losia_torch import update as _update
 from losia_torch.adam import adam_directions, adam_update_large
+from losia_torch.blocks import initial_target_state as _initial_target_state
+from losia_torch.checkpoint import check_compatible
+from losia_torch.gradients import NONFINITE_MESSAGE, all_finite
 from losia_torch.importance import ImportanceSlot
 from losia_torch.selection import top_k_indices
+
+logger = logging.getLogger("losia_torch")
 
 PRO_MESSAGE = (
     "LoSiA-Pro does not support FSDP2 (fully_shard): Pro's compact block gradient is a plain "
@@ -178,21 +185,22 @@ def _scatter(w: torch.Tensor, t, rows_local: torch.Tensor, cols: torch.Tensor,
 # --- state ------------------------------------------------------------------------
 
 def initial_target_state(opt, t) -> dict:
-  st = opt._initial_target_state(t)  # indices: whole, the same on every rank
-  st.update(opt._fsdp.fresh_adam(t, st))
+  st = _initial_target_state(t, opt.config.seed)  # indices: whole, the same on every rank
+  st.update(opt.fsdp_state.fresh_adam(t, st))
   return st
 
 
 # --- gradients and clipping ---------------------------------------------------------
 
 def read_grads(opt) -> list[torch.Tensor]:
-  """The local pieces of the gradient values the next step reads (see ``_read_grads``)."""
-  fs, out = opt._fsdp, []
+  """The local pieces of the gradient values the next step reads (see
+  ``gradients.read_grads``)."""
+  fs, out = opt.fsdp_state, []
   for group in opt.param_groups:
     for p in group["params"]:
       if p.grad is None:
         continue
-      t = opt._spec.get(id(p))
+      t = opt.target_of(p)
       if t is None:
         if opt.config.non_target == "train":
           out.append(local(p.grad))
@@ -210,10 +218,10 @@ def grad_norm(opt, norm_type: float = 2.0) -> torch.Tensor:
   if norm_type == math.inf:
     part = torch.stack([g.detach().abs().max().float() for g in pieces]).max() if pieces \
         else torch.zeros(())
-    return opt._fsdp.all_reduce(part.reshape(1), dist.ReduceOp.MAX)[0]
+    return opt.fsdp_state.all_reduce(part.reshape(1), dist.ReduceOp.MAX)[0]
   part = torch.stack([torch.linalg.vector_norm(g.detach(), norm_type, dtype=torch.float32)
                       ** norm_type for g in pieces]).sum() if pieces else torch.zeros(())
-  return opt._fsdp.all_reduce(part.reshape(1))[0] ** (1.0 / norm_type)
+  return opt.fsdp_state.all_reduce(part.reshape(1))[0] ** (1.0 / norm_type)
 
 
 def clip_grad_norm_(opt, max_norm: float, norm_type: float = 2.0,
@@ -232,14 +240,13 @@ def clip_grad_norm_(opt, max_norm: float, norm_type: float = 2.0,
 
 def step(opt) -> None:
   """One LoSiA step on local shards (the FSDP2 form of ``LoSiAOptimizer.step``)."""
-  from losia_torch.optimizer import NONFINITE_MESSAGE, _all_finite, logger
-  fs, cfg, s = opt._fsdp, opt.config, opt.losia_step
+  fs, cfg, s = opt.fsdp_state, opt.config, opt.losia_step
   work, nt_work, checks = [], [], []
   for group in opt.param_groups:
     for p in group["params"]:
       if p.grad is None:
         continue
-      t = opt._spec.get(id(p))
+      t = opt.target_of(p)
       if t is None:
         if cfg.non_target == "train":
           nt_work.append((group, p))
@@ -256,7 +263,7 @@ def step(opt) -> None:
       work.append((group, t, st, gblk, prof, rl))
   if not work and not nt_work:
     return  # FSDP gives every rank a gradient for the same parameters: all ranks agree
-  finite = torch.tensor([1.0 if _all_finite(checks) else 0.0])
+  finite = torch.tensor([1.0 if all_finite(checks) else 0.0])
   if not bool(fs.all_reduce(finite, dist.ReduceOp.MIN)[0]):  # one rank's NaN skips all
     opt.num_skipped_steps += 1
     logger.warning("%s (step %d; %d skipped so far)", NONFINITE_MESSAGE, s,
@@ -265,10 +272,10 @@ def step(opt) -> None:
   for _, t, _, _, prof, _ in work:  # importance from the weights before the update
     if prof:
       w = local(t.param)
-      key = opt._slot_key(t)
-      slot = opt._importance.get(key)
+      key = opt.slot_key(t)
+      slot = opt.importance.get(key)
       if slot is None or slot.ibar.shape != w.shape:
-        slot = opt._importance[key] = ImportanceSlot.zeros(w.shape, w.device)
+        slot = opt.importance[key] = ImportanceSlot.zeros(w.shape, w.device)
       slot.update(w, local(t.param.grad), cfg.importance, cfg.importance_beta1,
                   cfg.importance_beta2)
   _update_targets(opt, work, s)
@@ -281,7 +288,7 @@ def step(opt) -> None:
 
 
 def _update_targets(opt, work: list, s: int) -> None:
-  """``LoSiAOptimizer._update_targets`` on the local rows of each block (elementwise,
+  """``update.update_targets`` on the local rows of each block (elementwise,
   so each entry gets exactly the arithmetic of the single-process step)."""
   cfg = opt.config
   by_hp: dict[tuple, list] = defaultdict(list)
@@ -310,7 +317,6 @@ def _update_targets(opt, work: list, s: int) -> None:
 
 def _update_non_targets(opt, nt_work: list, s: int) -> None:
   """Adam(W) on each non-target's local shard, with its moments local too."""
-  from losia_torch.optimizer import _BIG
   by_hp: dict[tuple, list] = defaultdict(list)
   for group, p in nt_work:
     by_hp[(group["betas"], group["eps"])].append((group, p))
@@ -323,7 +329,7 @@ def _update_non_targets(opt, nt_work: list, s: int) -> None:
         st["exp_avg"] = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
         st["exp_avg_sq"] = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
       # the single-process path picks by the whole tensor's size; so does this one
-      (small if p.numel() < _BIG else big).append((group, p, w, st))
+      (small if p.numel() < _update.BIG else big).append((group, p, w, st))
     us = adam_directions([x[3]["exp_avg"] for x in small], [x[3]["exp_avg_sq"] for x in small],
                          [local(x[1].grad).to(torch.float32) for x in small],
                          [s + 1] * len(small), betas[0], betas[1], eps)
@@ -369,11 +375,11 @@ def select_sharded(fs: FSDPState, t, score: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def relocalize(opt, t, st: dict, s: int) -> None:
-  slot = opt._importance.pop(opt._slot_key(t), None)
+  slot = opt.importance.pop(opt.slot_key(t), None)
   if slot is None:
     return
-  st["rows"], st["cols"] = select_sharded(opt._fsdp, t, slot.score())
-  st.update(opt._fsdp.fresh_adam(t, st))
+  st["rows"], st["cols"] = select_sharded(opt.fsdp_state, t, slot.score())
+  st.update(opt.fsdp_state.fresh_adam(t, st))
   st["last_relocalization"] = s
 
 
@@ -383,7 +389,7 @@ def _slot_keys(opt) -> dict[str, Any]:
   """Every importance slot key the schedule can use -> a target with that key."""
   out = {}
   for t in opt.plan.targets:
-    out.setdefault(opt._slot_key(t), t)
+    out.setdefault(opt.slot_key(t), t)
   return out
 
 
@@ -415,13 +421,13 @@ def state_dict(opt, base_state_dict) -> dict[str, Any]:
   Importance buffers of every slot key are included (zeros where not live, with the
   live keys listed), so the state dict of a freshly built optimizer is a complete
   template for ``dcp.load`` at any step."""
-  fs = opt._fsdp
+  fs = opt.fsdp_state
   sd = base_state_dict()
   state = {}
   params = [p for g in opt.param_groups for p in g["params"]]
   for i, p in enumerate(params):
     st = opt.state.get(p, {})
-    t = opt._spec.get(id(p))
+    t = opt.target_of(p)
     if t is not None:
       # counters as tensors: DCP does not load plain ints nested this deep in place
       state[i] = {"rows": st["rows"], "cols": st["cols"],
@@ -437,19 +443,18 @@ def state_dict(opt, base_state_dict) -> dict[str, Any]:
   sd["state"] = state
   importance = {}
   for key, t in _slot_keys(opt).items():
-    slot = opt._importance.get(key) or ImportanceSlot.zeros(local(t.param).shape)
+    slot = opt.importance.get(key) or ImportanceSlot.zeros(local(t.param).shape)
     importance[key] = {"ibar": _as_dtensor(slot.ibar, t.param),
                        "ubar": _as_dtensor(slot.ubar, t.param)}
   sd["losia"] = {"step": opt.losia_step, "num_skipped_steps": opt.num_skipped_steps,
-                 "importance": importance, "live": ",".join(sorted(opt._importance)),
+                 "importance": importance, "live": ",".join(sorted(opt.importance)),
                  "config": opt.config.to_dict(),
                  "targets": ",".join(t.name for t in opt.plan.targets)}
   return sd
 
 
 def load_state_dict(opt, sd: dict[str, Any], base_load_state_dict) -> None:
-  from losia_torch.checkpoint import check_compatible
-  fs = opt._fsdp
+  fs = opt.fsdp_state
   extra = sd.get("losia")
   if not isinstance(extra, dict):
     raise ValueError("not a LoSiAOptimizer state dict: it has no 'losia' entry")
@@ -464,7 +469,7 @@ def load_state_dict(opt, sd: dict[str, Any], base_load_state_dict) -> None:
     v = saved.get(i)
     if v is None:
       continue
-    t = opt._spec.get(id(p))
+    t = opt.target_of(p)
     if t is not None:
       st = {"rows": v["rows"].detach().clone().to(torch.int64),
             "cols": v["cols"].detach().clone().to(torch.int64),
@@ -476,7 +481,7 @@ def load_state_dict(opt, sd: dict[str, Any], base_load_state_dict) -> None:
     else:
       opt.state[p] = {k: local(v[k]).detach().clone() for k in ("exp_avg", "exp_avg_sq")}
   live = [k for k in extra.get("live", "").split(",") if k]
-  opt._importance = {k: ImportanceSlot(local(extra["importance"][k]["ibar"]).detach().clone(),
+  opt.importance = {k: ImportanceSlot(local(extra["importance"][k]["ibar"]).detach().clone(),
                                        local(extra["importance"][k]["ubar"]).detach().clone())
                      for k in live}
   opt.losia_step = int(extra["step"])
@@ -491,6 +496,6 @@ def optimizer_state_nbytes(opt: torch.optim.Optimizer) -> int:
       if isinstance(v, torch.Tensor):
         v = local(v)
         n += v.numel() * v.element_size()
-  for slot in getattr(opt, "_importance", {}).values():
+  for slot in getattr(opt, "importance", {}).values():
     n += 2 * slot.ibar.numel() * 4
   return n

@@ -1,4 +1,4 @@
-"""LoSiA-Pro for torch: a linear map whose backward computes only the block gradient.
+"""LoSiA-Pro for torch: linear layers whose backward computes only the block gradient.
 
 LOSIA_SPEC.md section 8. For a target linear map that is not profiling, the
 forward saves only ``x[..., cols]`` and the backward produces
@@ -13,16 +13,27 @@ runs the ordinary full backward during its window. The optimizer reads each
 target's block gradient from the delta leaf or from ``W.grad`` accordingly, so
 the training trajectory is LoSiA's, up to floating-point reduction order.
 
+How it attaches. As PEFT swaps its layer classes in for the targets, Pro swaps
+the *class* of each target module: an ``nn.Linear`` becomes a :class:`ProLinear`
+(a subclass of ``nn.Linear`` whose ``forward`` calls :class:`LoSiAProLinear`), a
+``Conv1D`` a ``ProConv1D``, in place, as ``torch.nn.utils.parametrize`` does. The
+module object stays the same, so ``model.state_dict()`` keys, checkpoints in
+either direction, references to the module and its hooks
+(``register_forward_hook``, ``register_forward_pre_hook``, accelerate's
+``add_hook_to_module`` added afterwards) are all unchanged; :func:`swap_out`
+restores the original class.
+
+The layer reads a :class:`ProBlock` (the delta leaf, the indices, a ``full``
+flag), a small object it shares with the optimizer, which updates it after every
+step. The block refers to neither, so the model holds no reference to the
+optimizer, and ``torch.compile`` guards on one bool per layer, not on the
+optimizer's step counter.
+
 The delta leaves sit in the optimizer's ``param_groups`` (next to their weight),
 so everything that walks an optimizer's parameters sees the compact gradients:
 ``zero_grad``, ``torch.amp.GradScaler.unscale_`` (unscaling, inf detection) and
 accelerate. The optimizer hides them from ``state_dict`` and from its own
 update loop.
-
-The forward reads only its :class:`ProHandle` (indices, and a ``full`` flag the
-optimizer sets after every step), never the optimizer: ``torch.compile`` then
-guards on one bool per target instead of the optimizer's step counter, and the
-model holds no reference to the optimizer (the handle keeps a weak one).
 
 Supported owners: ``nn.Linear`` (``weight [d_out, d_in]``) and transformers'
 GPT-2 ``Conv1D`` (``weight [d_in, d_out]``, ``y = x W + b``). Under
@@ -34,14 +45,11 @@ would not all-reduce the compact gradients).
 from __future__ import annotations
 
 import dataclasses
-import functools
-import weakref
-from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 
-from losia_torch.targets import is_conv1d
+from losia_torch.targets import TargetSpec, is_conv1d
 
 
 class LoSiAProLinear(torch.autograd.Function):
@@ -83,27 +91,40 @@ def pro_linear(x: torch.Tensor, weight: torch.Tensor, bias, delta: torch.Tensor,
 
 
 @dataclasses.dataclass(eq=False)
-class ProHandle:
-  """The Pro state of one target, all the forward reads.
+class ProBlock:
+  """All a Pro layer reads besides its own weight and bias.
 
   Attributes:
-    name: the target's parameter name.
-    module: the ``nn.Linear`` or ``Conv1D`` that owns it.
     delta: the compact ``[k_out, k_in]`` leaf whose ``.grad`` is the block gradient.
     rows, cols: the target's current indices (the optimizer's state tensors).
     full: the target profiles in the next step: run the ordinary full backward.
-    transposed: ``Conv1D`` layout.
-    optimizer: weak reference to the optimizer (moves state after ``model.to``).
+    transposed: ``Conv1D`` layout (weight ``[d_in, d_out]``).
   """
 
-  name: str
-  module: torch.nn.Module
   delta: torch.Tensor
   rows: torch.Tensor
   cols: torch.Tensor
   full: bool
   transposed: bool
-  optimizer: Any = None
+
+  @classmethod
+  def for_target(cls, t: TargetSpec, rows: torch.Tensor, cols: torch.Tensor,
+                 full: bool) -> "ProBlock":
+    w = t.param
+    delta = torch.zeros(t.block_shape, dtype=w.dtype, device=w.device, requires_grad=True)
+    return cls(delta, rows, cols, full, t.transposed)
+
+  @torch._dynamo.disable
+  def follow(self, weight: torch.Tensor) -> None:
+    """Takes ``weight``'s device (indices, delta) and dtype (delta) after the model moved.
+
+    The delta changes in place (``.data``, as ``nn.Module.to`` changes a parameter),
+    so it stays the tensor the optimizer's ``param_groups`` hold.
+    """
+    if self.delta.device != weight.device or self.delta.dtype != weight.dtype:
+      self.delta.grad = None
+      self.delta.data = torch.zeros(self.delta.shape, dtype=weight.dtype, device=weight.device)
+    self.rows, self.cols = self.rows.to(weight.device), self.cols.to(weight.device)
 
   def zero_grad(self, set_to_none: bool = True) -> None:
     if self.delta.grad is None:
@@ -114,62 +135,144 @@ class ProHandle:
       self.delta.grad.zero_()
 
 
-def _pro_forward(module: torch.nn.Module, handle: ProHandle, x: torch.Tensor):
-  w = module.weight
-  if not torch.is_grad_enabled() or not w.requires_grad or handle.full:
-    return type(module).forward(module, x)  # the ordinary forward and full backward
-  if handle.delta.device != w.device or handle.delta.dtype != w.dtype \
-      or handle.rows.device != w.device:
-    opt = handle.optimizer() if handle.optimizer is not None else None
-    if opt is None:
-      raise RuntimeError(f"LoSiA-Pro ({handle.name}): the optimizer no longer exists; "
-                         "call disable_pro() before dropping it")
-    opt.follow_parameters()  # the model moved (model.to / .double()): move the state
-  b = module.bias
-  dev = x.device.type
-  if torch.is_autocast_enabled(dev):
-    # Cast as autocast's own linear would (every floating input to the autocast dtype)
-    # and run the compact backward in that dtype; the casts' backward brings dx and
-    # dbias back to their dtypes, and the block gradient is cast to the delta's.
-    dt = torch.get_autocast_dtype(dev)
-    with torch.autocast(dev, enabled=False):
-      return LoSiAProLinear.apply(x.to(dt), w.to(dt), None if b is None else b.to(dt),
-                                  handle.delta, handle.rows, handle.cols, handle.transposed)
-  return LoSiAProLinear.apply(x, w, b, handle.delta, handle.rows, handle.cols,
-                              handle.transposed)
+class ProLayer:
+  """The forward of every LoSiA-Pro layer class (:class:`ProLinear`, ``ProConv1D``).
+
+  ``isinstance(module, ProLayer)`` tells a switched module. Attributes:
+    losia_block: its :class:`ProBlock`.
+    _losia_base: the class it was swapped in for (``nn.Linear``, ``Conv1D``).
+  """
+
+  _losia_base: type
+  losia_block: ProBlock
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    if not isinstance(self, ProLayer):
+      # swap_out restored the class, but a wrapper made while this was a Pro layer
+      # (accelerate's add_hook_to_module keeps the bound forward) still calls this.
+      return type(self).forward(self, x)
+    block, w = self.losia_block, self.weight
+    if block.full or not torch.is_grad_enabled() or not w.requires_grad:
+      return self._losia_base.forward(self, x)  # the ordinary forward and full backward
+    if block.delta.device != w.device or block.delta.dtype != w.dtype \
+        or block.rows.device != w.device:
+      block.follow(w)  # the model moved (model.to / .double()) since the last step
+    b = self.bias
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+      # Cast as autocast's own linear would (every floating input to the autocast dtype)
+      # and run the compact backward in that dtype; the casts' backward brings dx and
+      # dbias back to their dtypes, and the block gradient is cast to the delta's.
+      dt = torch.get_autocast_dtype(dev)
+      with torch.autocast(dev, enabled=False):
+        return LoSiAProLinear.apply(x.to(dt), w.to(dt), None if b is None else b.to(dt),
+                                    block.delta, block.rows, block.cols, block.transposed)
+    return LoSiAProLinear.apply(x, w, b, block.delta, block.rows, block.cols, block.transposed)
 
 
-def _group_of(optimizer, p: torch.Tensor) -> dict:
-  for g in optimizer.param_groups:
-    if any(q is p for q in g["params"]):
-      return g
-  raise KeyError("parameter not in any param group")
+class ProLinear(ProLayer, torch.nn.Linear):
+  """``nn.Linear`` under LoSiA-Pro (a target ``nn.Linear`` after :func:`swap_in`)."""
+
+  _losia_base = torch.nn.Linear
 
 
-def attach_delta(optimizer, handle: ProHandle) -> None:
-  """Puts ``handle.delta`` into the param group of its weight (see the module docstring)."""
-  g = _group_of(optimizer, handle.module.weight)
-  g["params"].append(handle.delta)
-  if "param_names" in g:
-    g["param_names"].append(handle.name + ":losia_pro_delta")
+_PRO_CLASSES: dict[type, type] = {torch.nn.Linear: ProLinear}
 
 
-def detach_delta(optimizer, handle: ProHandle) -> None:
-  for g in optimizer.param_groups:
+def pro_class(base: type) -> type:
+  """The Pro layer class for modules of class ``base`` (``ProConv1D`` for ``Conv1D``,
+  made once per class; ``ProLinear`` for ``nn.Linear``)."""
+  cls = _PRO_CLASSES.get(base)
+  if cls is None:
+    cls = type(f"Pro{base.__name__}", (ProLayer, base),
+               {"__module__": __name__, "_losia_base": base,
+                "__doc__": f"``{base.__name__}`` under LoSiA-Pro."})
+    _PRO_CLASSES[base] = cls
+  return cls
+
+
+def swap_in(module: torch.nn.Module, block: ProBlock) -> None:
+  """Makes ``module`` a Pro layer reading ``block`` (same object, parameters, hooks)."""
+  module.losia_block = block  # first: a ProLayer always has its block
+  module.__class__ = pro_class(type(module))
+
+
+def swap_out(module: torch.nn.Module) -> None:
+  """Gives a Pro layer its original class back (and drops its block)."""
+  module.__class__ = module._losia_base
+  del module.losia_block
+
+
+def check_single_process(model: torch.nn.Module) -> None:
+  """Raises ``NotImplementedError`` under data parallelism (see the module docstring)."""
+  if torch.distributed.is_available() and torch.distributed.is_initialized() \
+      and torch.distributed.get_world_size() > 1:
+    raise NotImplementedError(
+        "LoSiA-Pro does not support DistributedDataParallel: the compact block gradients "
+        "would not be all-reduced. Use the ordinary LoSiA path under DDP.")
+  if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+    raise NotImplementedError("LoSiA-Pro does not support DistributedDataParallel")
+
+
+def target_modules(model: torch.nn.Module, targets: list) -> list[tuple]:
+  """``(target, module)`` for each of ``targets`` whose weight a module of ``model`` owns.
+
+  Raises:
+    ValueError: naming every target Pro cannot switch (before switching any): owned by
+      neither ``nn.Linear`` nor ``Conv1D``, shared by several modules, already a Pro
+      layer of another optimizer, or with a ``forward`` replaced on the instance.
+  """
+  owners: dict[int, list] = {}
+  for name, mod in model.named_modules():
+    w = getattr(mod, "_parameters", {}).get("weight")
+    if w is not None:
+      owners.setdefault(id(w), []).append((name, mod))
+  found, bad = [], []
+  for t in targets:
+    mods = owners.get(id(t.param))
+    if not mods:
+      continue  # not a parameter of this model
+    mod = mods[0][1]
+    if len(mods) > 1:
+      bad.append(f"{t.name} (shared by modules {', '.join(n for n, _ in mods)})")
+    elif isinstance(mod, ProLayer):
+      bad.append(f"{t.name} (already a LoSiA-Pro layer of another optimizer)")
+    elif not (isinstance(mod, torch.nn.Linear) or is_conv1d(mod)):
+      bad.append(f"{t.name} ({type(mod).__name__})")
+    elif "forward" in mod.__dict__:
+      bad.append(f"{t.name} (its forward is replaced on the instance, as accelerate's "
+                 "add_hook_to_module does: enable Pro first, then add such hooks)")
+    else:
+      found.append((t, mod))
+  if bad:
+    raise ValueError("LoSiA-Pro supports targets owned by nn.Linear or transformers Conv1D; "
+                     "these are not: " + ", ".join(bad))
+  return found
+
+
+def add_delta(groups: list, weight: torch.Tensor, delta: torch.Tensor, name: str) -> None:
+  """Puts ``delta`` into the param group of ``weight`` (see the module docstring)."""
+  for g in groups:
+    if any(q is weight for q in g["params"]):
+      g["params"].append(delta)
+      if "param_names" in g:
+        g["param_names"].append(name + ":losia_pro_delta")
+      return
+  raise KeyError(f"{name}: parameter not in any param group")
+
+
+def remove_delta(groups: list, delta: torch.Tensor) -> None:
+  for g in groups:
     for i, q in enumerate(g["params"]):
-      if q is handle.delta:
+      if q is delta:
         del g["params"][i]
         if "param_names" in g:
           del g["param_names"][i]
         return
 
 
-def new_delta(t, w: torch.Tensor) -> torch.Tensor:
-  return torch.zeros(t.block_shape, dtype=w.dtype, device=w.device, requires_grad=True)
-
-
 def enable_pro(model: torch.nn.Module, optimizer) -> list[str]:
-  """Makes the target linear modules of ``model`` compute only block gradients.
+  """Swaps Pro layers in for the target modules of ``model``: ``optimizer.enable_pro(model)``.
 
   Args:
     model: the model the optimizer was built for (not a DDP wrapper).
@@ -180,65 +283,12 @@ def enable_pro(model: torch.nn.Module, optimizer) -> list[str]:
     tied embeddings) keep the ordinary path.
 
   Raises:
-    NotImplementedError: under ``torch.distributed`` with more than one process.
-    ValueError: naming the targets whose owner is neither ``nn.Linear`` nor ``Conv1D``.
+    NotImplementedError: under ``torch.distributed`` with more than one process, or FSDP2.
+    ValueError: naming the targets Pro cannot switch (see :func:`target_modules`).
   """
-  if optimizer._fsdp is not None:
-    from losia_torch.fsdp import PRO_MESSAGE
-    raise NotImplementedError(PRO_MESSAGE)
-  if torch.distributed.is_available() and torch.distributed.is_initialized() \
-      and torch.distributed.get_world_size() > 1:
-    raise NotImplementedError(
-        "LoSiA-Pro does not support DistributedDataParallel: the compact block gradients "
-        "would not be all-reduced. Use the ordinary LoSiA path under DDP.")
-  if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-    raise NotImplementedError("LoSiA-Pro does not support DistributedDataParallel")
-  optimizer.follow_parameters()
-  owners: dict[int, torch.nn.Module] = {}
-  for _, mod in model.named_modules():
-    w = getattr(mod, "_parameters", {}).get("weight")
-    if w is not None and id(w) in optimizer._spec:
-      owners.setdefault(id(w), mod)
-  unsupported = []
-  done = []
-  for t in optimizer.plan.targets:
-    if t.row_mode or id(t.param) in optimizer._pro:
-      continue
-    mod = owners.get(id(t.param))
-    if mod is None:
-      continue  # not a parameter of this model
-    if not (isinstance(mod, torch.nn.Linear) or is_conv1d(mod)):
-      unsupported.append(f"{t.name} ({type(mod).__name__})")
-      continue
-    st = optimizer.state[t.param]
-    handle = ProHandle(t.name, mod, new_delta(t, t.param), st["rows"], st["cols"],
-                       optimizer.profiles(t), t.transposed, weakref.ref(optimizer))
-    optimizer._pro[id(t.param)] = handle
-    attach_delta(optimizer, handle)
-    mod.forward = functools.partial(_pro_forward, mod, handle)
-    done.append(t.name)
-  if unsupported:
-    disable_pro(optimizer)
-    raise ValueError("LoSiA-Pro supports targets owned by nn.Linear or transformers Conv1D; "
-                     "these are not: " + ", ".join(unsupported))
-  return done
+  return optimizer.enable_pro(model)
 
 
 def disable_pro(optimizer) -> None:
-  """Restores the ordinary forward of every module :func:`enable_pro` switched."""
-  for handle in list(optimizer._pro.values()):
-    if "forward" in handle.module.__dict__:
-      del handle.module.forward
-    detach_delta(optimizer, handle)
-  optimizer._pro.clear()
-
-
-def sync_handles(optimizer) -> None:
-  """After a step or a load: each handle gets its target's indices and profiling flag."""
-  for t in optimizer.plan.targets:
-    h: Optional[ProHandle] = optimizer._pro.get(id(t.param))
-    if h is None:
-      continue
-    st = optimizer.state[t.param]
-    h.rows, h.cols = st["rows"], st["cols"]
-    h.full = optimizer.profiles(t)
+  """Gives every module :func:`enable_pro` switched its original class back."""
+  optimizer.disable_pro()

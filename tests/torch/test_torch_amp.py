@@ -70,14 +70,14 @@ def test_grad_scaler_skips_a_step_when_a_compact_gradient_overflows():
   model = _llama()
   opt = losia_torch.get_losia_optimizer(model, CFG, lr=1e-2, pro=True, verbose=False)
   opt.losia_step = 2 * CFG.period  # slot 2: layer 1 profiles, layer 0 does not
-  losia_torch.pro.sync_handles(opt)
+  opt.sync_pro_blocks()
   scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
   before = [p.detach().clone() for p in model.parameters()]
   ids = torch.randint(0, 64, (2, 8))
   scaler.scale(model(input_ids=ids, labels=ids).loss).backward()
-  handle = opt._pro[id(model.model.layers[0].mlp.up_proj.weight)]
-  assert handle.delta.grad is not None and model.model.layers[0].mlp.up_proj.weight.grad is None
-  handle.delta.grad[0, 0] = math.inf  # only a compact gradient overflows
+  block = model.model.layers[0].mlp.up_proj.losia_block
+  assert block.delta.grad is not None and model.model.layers[0].mlp.up_proj.weight.grad is None
+  block.delta.grad[0, 0] = math.inf  # only a compact gradient overflows
   scaler.unscale_(opt)
   scaler.step(opt)
   scaler.update()

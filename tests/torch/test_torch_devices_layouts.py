@@ -44,8 +44,8 @@ def test_state_follows_model_double(pro):
   for t in opt.plan.targets:
     assert opt.state[t.param]["exp_avg"].dtype == torch.float32
     assert torch.equal(opt.subnet(t.name)[0], ropt.subnet(t.name)[0])
-  for h in opt._pro.values():
-    assert h.delta.dtype == torch.float64
+  for b in opt.pro_blocks.values():
+    assert b.delta.dtype == torch.float64
   for (n, p0), p1 in zip(ref.named_parameters(), model.parameters()):
     assert torch.equal(p0, p1), n
 
@@ -91,7 +91,8 @@ def test_conv1d_targets_train_as_their_linear_twins(pro):
   t = oc.target("transformer.h.0.attn.c_attn.weight")
   assert t.transposed and (t.d_out, t.d_in) == (96, 32)  # Conv1D weight is [32, 96]
   if pro:
-    assert len(oc._pro) == len(ol._pro) == 4  # all four Conv1D targets use Pro
+    assert len(oc.pro_blocks) == len(ol.pro_blocks) == 4  # all four Conv1D targets use Pro
+    assert type(conv.transformer.h[0].attn.c_attn).__name__ == "ProConv1D"
   for model, opt in ((conv, oc), (lin, ol)):
     g = torch.Generator().manual_seed(1)
     for _ in range(2 * GPT2_CFG.period * 2 + 1):

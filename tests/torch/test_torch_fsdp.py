@@ -98,7 +98,7 @@ def _worker(rank, world, init_file, out_dir):
     opt = losia_torch.get_losia_optimizer(model, CFG, lr=1e-2, weight_decay=0.01,
                                           verbose=False)
     _train(model, opt, shards[:HALF])
-    saved_importance = {k: (v.ibar.clone(), v.ubar.clone()) for k, v in opt._importance.items()}
+    saved_importance = {k: (v.ibar.clone(), v.ubar.clone()) for k, v in opt.importance.items()}
     ckpt = os.path.join(out_dir, "dcp")
     dcp.save({"model": get_model_state_dict(model), "optim": opt.state_dict()},
              checkpoint_id=ckpt)
@@ -109,9 +109,9 @@ def _worker(rank, world, init_file, out_dir):
     dcp.load(state, checkpoint_id=ckpt)
     set_model_state_dict(model, state["model"])
     opt.load_state_dict(state["optim"])
-    live = sorted(opt._importance)
+    live = sorted(opt.importance)
     importance_back = sorted(saved_importance) == live and all(
-        torch.equal(opt._importance[k].ibar, i) and torch.equal(opt._importance[k].ubar, u)
+        torch.equal(opt.importance[k].ibar, i) and torch.equal(opt.importance[k].ubar, u)
         for k, (i, u) in saved_importance.items())
     resumed_log = _train(model, opt, shards[HALF:])
     resumed = _full(model)

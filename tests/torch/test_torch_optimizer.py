@@ -77,12 +77,12 @@ def test_hand_checked_trajectory_through_relocalizations():
         assert torch.equal(w.detach(), before[i]), "rewarm must be exactly 0 after relocalizing"
     if s == 0:
       # Ibar, Ubar of layer 0 after one profiling step (W was all ones): analytic.
-      slot = opt._importance["proj"]
+      slot = opt.importance["proj"]
       i0 = torch.abs(c0 - 0.5 * c0 * c0)
       torch.testing.assert_close(slot.ibar, 0.15 * i0)
       torch.testing.assert_close(slot.ubar, 0.15 * torch.abs(i0 - 0.15 * i0))
     # Exactly one role slot exists while a layer profiles; none after it relocalized.
-    assert list(opt._importance) == ([] if s % 2 == 1 else ["proj"])
+    assert list(opt.importance) == ([] if s % 2 == 1 else ["proj"])
     for i in (0, 1):
       name = f"layers.{i}.proj.weight"
       st = opt.state[opt.target(name).param]
@@ -115,7 +115,7 @@ def test_profiling_schedule_sync_and_async():
       w0.grad, w1.grad = c0.clone(), c1.clone()
       opt.step()
       if schedule == "sync" and s == 0:
-        assert sorted(opt._importance) == ["layers.0.proj.weight", "layers.1.proj.weight"]
+        assert sorted(opt.importance) == ["layers.0.proj.weight", "layers.1.proj.weight"]
 
 
 def test_only_the_block_changes_each_step():
@@ -193,8 +193,8 @@ def test_matches_plain_reference(case):
 def test_large_non_target_path_matches_reference(monkeypatch, chunk):
   # Large non-targets (the embedding) take a chunked in-place Adam path; force it here.
   import losia_torch.adam
-  import losia_torch.optimizer
-  monkeypatch.setattr(losia_torch.optimizer, "_BIG", 16)
+  import losia_torch.update
+  monkeypatch.setattr(losia_torch.update, "BIG", 16)
   monkeypatch.setattr(losia_torch.adam, "_CHUNK", chunk)
   torch.manual_seed(8)
   model = Toy(layers=2)
@@ -298,7 +298,7 @@ def _snapshot(opt, model):
   params = {n: p.detach().clone() for n, p in model.named_parameters()}
   state = {id(p): {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in st.items()}
            for p, st in opt.state.items()}
-  imp = {k: (s.ibar.clone(), s.ubar.clone()) for k, s in opt._importance.items()}
+  imp = {k: (s.ibar.clone(), s.ubar.clone()) for k, s in opt.importance.items()}
   return params, state, imp
 
 
@@ -310,9 +310,9 @@ def _assert_same(snap, opt, model):
     for k, v in st.items():
       old = state[id(p)][k]
       assert torch.equal(v, old) if isinstance(v, torch.Tensor) else v == old
-  assert sorted(imp) == sorted(opt._importance)
+  assert sorted(imp) == sorted(opt.importance)
   for k, (i, u) in imp.items():
-    assert torch.equal(opt._importance[k].ibar, i) and torch.equal(opt._importance[k].ubar, u)
+    assert torch.equal(opt.importance[k].ibar, i) and torch.equal(opt.importance[k].ubar, u)
 
 
 @pytest.mark.parametrize("where", ["target_block", "profiling_outside_block", "non_target_inf"])

@@ -46,6 +46,9 @@ def _run(pro, cfg, steps, accumulate=1, max_norm=1e6):
   if pro:
     names = opt.enable_pro(model)
     assert len(names) == 14  # 7 projections x 2 layers; the tied output layer stays full
+    layers = {n + ".weight": m for n, m in model.named_modules()
+              if isinstance(m, losia_torch.ProLayer)}
+    assert sorted(layers) == sorted(names)
   g = torch.Generator().manual_seed(1)
   losses, indices, checked, clipped = [], [], False, False
   for s in range(steps):
@@ -58,10 +61,10 @@ def _run(pro, cfg, steps, accumulate=1, max_norm=1e6):
         if t.row_mode:
           continue
         if opt.profiles(t):
-          assert t.param.grad is not None and opt._pro[id(t.param)].delta.grad is None
+          assert t.param.grad is not None and layers[t.name].losia_block.delta.grad is None
         else:
           assert t.param.grad is None, f"{t.name} got a full gradient at step {s}"
-          assert opt._pro[id(t.param)].delta.grad.shape == t.block_shape
+          assert layers[t.name].losia_block.delta.grad.shape == t.block_shape
           checked = True
     norm = opt.clip_grad_norm_(max_norm)
     clipped = clipped or float(norm) > max_norm
@@ -100,8 +103,9 @@ def test_disable_pro_and_eval_forward():
   with torch.no_grad():
     a = model(input_ids=ids).logits
   opt.disable_pro()
-  assert not opt._pro
-  assert "forward" not in model.model.layers[0].self_attn.q_proj.__dict__
+  assert not opt.pro_blocks
+  q = model.model.layers[0].self_attn.q_proj
+  assert type(q) is torch.nn.Linear and "losia_block" not in q.__dict__
   with torch.no_grad():
     b = model(input_ids=ids).logits
   torch.testing.assert_close(a, b)

@@ -47,7 +47,7 @@ def test_bf16_resume_is_bit_exact(schedule):
 
   model_b, opt_b, sched_b = _make(torch.bfloat16, cfg)
   losses_b = _train(model_b, opt_b, batches[:7], sched_b)  # stops mid-window (s = 7)
-  assert opt_b._importance, "the checkpoint should hold live importance buffers"
+  assert opt_b.importance, "the checkpoint should hold live importance buffers"
   buf = io.BytesIO()
   torch.save({"model": model_b.state_dict(), "opt": opt_b.state_dict(),
               "sched": sched_b.state_dict()}, buf)

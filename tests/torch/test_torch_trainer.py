@@ -78,7 +78,7 @@ def test_trainer_follows_the_manual_loop_and_resumes(tmp_path, pro):
   assert tr.args.max_grad_norm == 1.0  # the default, active here
   tr.train()
   opt = tr._losia_optimizer()
-  assert opt.losia_step == STEPS and bool(opt._pro) == pro
+  assert opt.losia_step == STEPS and bool(opt.pro_blocks) == pro
   model, mopt, norms = _manual(tr.fed, pro)
   assert max(norms) > 1.0  # the clip is active
   logged = [h["grad_norm"] for h in tr.state.log_history if "grad_norm" in h]
