@@ -27,8 +27,8 @@ import re
 import typing
 from typing import Any, Optional
 
-from losia_cli.backend import (BACKENDS, LORA_VARIANTS, LR_SCHEDULES, METHODS, PRECISIONS,
-                               ModelSource)
+from losia_cli.backend import (BACKEND_OF_METHOD, BACKENDS, LORA_VARIANTS, LR_SCHEDULES, METHODS,
+                               PRECISIONS, ModelSource, TrainSettings)
 from losia_cli.tasks import TASKS
 from losia_common.config import (IMPORTANCE_KINDS, NON_TARGET_POLICIES, SCHEDULES, LoSiAConfig,
                                  LoSiAConfigError)
@@ -42,7 +42,9 @@ EMBEDDED_DESCRIPTION = "SmolLM2-135M-Instruct (embedded, GGUF Q4_1)"
 # Per-method learning rates used when --lr is not given: LoSiA trains a p² block
 # of each matrix and rewarms it after every relocalization, so it wants a
 # LoRA-like rate; full fine-tuning of all 135M weights needs a much smaller one.
-DEFAULT_LR = {"losia": 5e-4, "losia-pro": 5e-4, "lora": 1e-3, "full": 5e-5}
+# GaLore updates every weight, the projections' through a rank-16 projection scaled by
+# 2: 1e-4, the rate of LLaMA-Factory's GaLore fine-tuning example (also at scale 2).
+DEFAULT_LR = {"losia": 5e-4, "losia-pro": 5e-4, "lora": 1e-3, "full": 5e-5, "galore": 1e-4}
 
 # Defaults of the run. The default run (SmolLM2-135M, 2-core CPU) must finish in
 # 10 minutes including model load, compilation, two evaluations and the export:
@@ -78,11 +80,18 @@ DEFAULTS: dict[str, Any] = {
     "lora_rank": 8,
     "lora_alpha": 16.0,
     "lora_variant": "lora",
+    "galore_rank": None,      # --method galore: GALORE_DEFAULTS; None for the other methods
+    "galore_update_gap": None,
+    "galore_scale": None,
     "export": True,
     "plots": True,
     "quiet": False,
     "losia_config": None,
 }
+# GaLore's settings when --method galore does not give them: LLaMA-Factory's defaults
+# (rank 16, projection update interval 200, scale 2.0), kept in TrainSettings.
+GALORE_DEFAULTS = {k: TrainSettings.__dataclass_fields__[k].default
+                   for k in ("galore_rank", "galore_update_gap", "galore_scale")}
 DEFAULT_STEPS = 80
 DEFAULT_WARMUP = 5
 TASK_MAX_NEW_TOKENS = 8
@@ -159,6 +168,9 @@ class RunConfig:
   lora_rank: int
   lora_alpha: float
   lora_variant: str
+  galore_rank: Optional[int]      # None unless method galore (older runs' configs lack them)
+  galore_update_gap: Optional[int]
+  galore_scale: Optional[float]
   export: bool
   plots: bool
   quiet: bool
@@ -174,6 +186,11 @@ class RunConfig:
   @property
   def uses_losia(self) -> bool:
     return self.method in ("losia", "losia-pro")
+
+  @property
+  def galore_settings(self) -> dict[str, Any]:
+    """GaLore's ``TrainSettings`` fields for method galore; empty for the others."""
+    return {k: getattr(self, k) for k in GALORE_DEFAULTS} if self.method == "galore" else {}
 
   def losia_config_for(self, num_layers: int, total_steps: int) -> LoSiAConfig:
     """The final ``LoSiAConfig`` once the model's depth and the run length are known."""
@@ -285,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
   p = _Parser(
       prog=PROG, argument_default=argparse.SUPPRESS,
       allow_abbrev=False,  # "--step 2" must not silently mean --steps (or --save-every ...)
-      description="Fine-tune a causal LM with LoSiA, LoSiA-Pro, full fine-tuning or LoRA. "
+      description="Fine-tune a causal LM with LoSiA, LoSiA-Pro, full fine-tuning, LoRA or "
+      "GaLore. "
       "With no arguments: LoSiA on the embedded SmolLM2-135M-Instruct, embedded "
       "arithmetic task, JAX backend, results in ./losia-run.")
   g = p.add_argument_group("run")
@@ -365,6 +383,19 @@ def build_parser() -> argparse.ArgumentParser:
                  help="do not write the fine-tuned model to OUTPUT_DIR/model")
   t.add_argument("--no-plots", dest="plots", action="store_false",
                  help="do not draw loss.png and subnets.png")
+  ga = p.add_argument_group(
+      "GaLore (method galore, JAX backend)", "Adam on a rank-R projection of the gradient "
+      "of each attention and MLP matrix; every weight is trained. Defaults: LLaMA-Factory's.")
+  ga.add_argument("--galore-rank", type=int, metavar="R",
+                  help="projection rank of each attention and MLP matrix (q, k, v, o, gate, "
+                  "up, down); embeddings and norms get plain AdamW (default: "
+                  f"{GALORE_DEFAULTS['galore_rank']})")
+  ga.add_argument("--galore-update-gap", type=int, metavar="N",
+                  help="steps between SVD refreshes of the projections (default: "
+                  f"{GALORE_DEFAULTS['galore_update_gap']})")
+  ga.add_argument("--galore-scale", type=float, metavar="X",
+                  help="scale of those matrices' projected-back update (default: "
+                  f"{GALORE_DEFAULTS['galore_scale']:g})")
   lo = p.add_argument_group("LoSiA (methods losia and losia-pro)")
   lo.add_argument("--losia-config", metavar="FILE.json",
                   help="a LoSiAConfig JSON file; the flags below override it")
@@ -398,6 +429,16 @@ def build_config(given: dict[str, Any]) -> RunConfig:
                      "held-out split)")
   if v["lora_variant"] != "lora" and v["backend"] != "torch":
     raise UsageError(f"argument --lora-variant: {v['lora_variant']} needs --backend torch")
+  only = BACKEND_OF_METHOD.get(v["method"])
+  if only is not None and v["backend"] != only:
+    raise UsageError(f"argument --method: {v['method']} runs on the {only} backend only "
+                     f"(built on optax; the torch backend has none): add --backend {only} "
+                     f"in place of --backend {v['backend']}")
+  galore_given = [k for k in GALORE_DEFAULTS if k in given]
+  if v["method"] == "galore":
+    v.update({k: d for k, d in GALORE_DEFAULTS.items() if v[k] is None})
+  elif galore_given:
+    raise UsageError(f"argument {_flag(galore_given[0])}: only applies to --method galore")
   if v["gradient_checkpointing"] and v["backend"] != "torch":
     raise UsageError("argument --gradient-checkpointing: needs --backend torch (the JAX "
                      "LLaMA of losia_jax.models has no rematerialization hook around its "
@@ -445,6 +486,12 @@ def _check_ranges(v: dict[str, Any]) -> None:
     need("max_new_tokens", v["max_new_tokens"] >= 1, ">= 1")
   need("lora_rank", v["lora_rank"] >= 1, ">= 1")
   need("lora_alpha", finite(v["lora_alpha"]) and v["lora_alpha"] > 0, "a number > 0")
+  if v["galore_rank"] is not None:
+    need("galore_rank", v["galore_rank"] >= 1, "an integer >= 1")
+  if v["galore_update_gap"] is not None:
+    need("galore_update_gap", v["galore_update_gap"] >= 1, "an integer >= 1 (steps)")
+  if v["galore_scale"] is not None:
+    need("galore_scale", finite(v["galore_scale"]) and v["galore_scale"] > 0, "a number > 0")
   if v["steps"] is not None and v["warmup_steps"] is not None and v["warmup_steps"] > v["steps"]:
     raise UsageError(f"argument --warmup-steps: {v['warmup_steps']} is more than --steps "
                      f"{v['steps']}")

@@ -14,8 +14,11 @@ from typing import Any, NamedTuple, Optional, Protocol
 
 import numpy as np
 
-METHODS = ("losia", "losia-pro", "full", "lora")
+METHODS = ("losia", "losia-pro", "full", "lora", "galore")
 BACKENDS = ("jax", "torch")
+# Methods only one backend has: GaLore is optax's (the registry's galore-torch needs
+# bitsandbytes), so the torch backend does not offer it.
+BACKEND_OF_METHOD = {"galore": "jax"}
 LR_SCHEDULES = ("constant", "linear", "cosine")
 LORA_VARIANTS = ("lora", "dora", "pissa")
 PRECISIONS = ("fp32", "bf16")
@@ -42,7 +45,7 @@ class TrainSettings:
   """Everything a backend needs to build its model and optimizer.
 
   ``losia`` holds the ``losia_common.LoSiAConfig`` (used by methods ``losia``
-  and ``losia-pro``). ``total_steps`` is the number of optimizer steps of the
+  and ``losia-pro``; None for the others). ``total_steps`` is the number of optimizer steps of the
   whole run (resumed runs included), for the learning-rate schedule.
   """
 
@@ -67,6 +70,12 @@ class TrainSettings:
   # many, sums their gradients weighted by loss tokens, then steps once.
   grad_accum: int = 1
   gradient_checkpointing: bool = False  # torch: recompute each decoder layer in backward
+  # Method "galore" (JAX): projection rank, steps between SVD refreshes of the
+  # projectors, and the scale of the projected-back update. The defaults are
+  # LLaMA-Factory's (galore_rank, galore_update_interval, galore_scale; proj_type std).
+  galore_rank: int = 16
+  galore_update_gap: int = 200
+  galore_scale: float = 2.0
 
 
 class Batch(NamedTuple):

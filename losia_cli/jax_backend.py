@@ -8,7 +8,10 @@ Methods:
 - ``full``: ``optax.adamw`` on every parameter;
 - ``lora``: LoRA adapters on the same target projections, added through the
   ``linear`` hook (``y = x W + b + (alpha / r) (x A) B``, ``A`` Kaiming-uniform,
-  ``B`` zero, as in PEFT), ``optax.adamw`` on the adapters; merged on export.
+  ``B`` zero, as in PEFT), ``optax.adamw`` on the adapters; merged on export;
+- ``galore``: GaLore (``losia_cli.jax_optim``, optax.contrib's with galore-torch's
+  ``std`` projection side) on the same target projections, every other parameter
+  plain AdamW; dense gradients like ``full``.
 
 The parameters are a plain nested dict (``nnx.to_pure_dict``), merged back into
 the module inside the jitted step; checkpoints are Orbax (params, optimizer
@@ -41,8 +44,10 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 import losia_jax
-from losia_cli.backend import PRECISIONS, Batch, ModelSource, TrainSettings
+from losia_cli import jax_optim
+from losia_cli.backend import METHODS, PRECISIONS, Batch, ModelSource, TrainSettings
 from losia_cli.schedules import lr_multiplier
+from losia_common import LoSiAConfig
 from losia_jax import pro
 from losia_jax.models import (LlamaForCausalLM, default_linear, functional, greedy_generate,
                               load_gguf, load_hf, masked_nll, save_hf)
@@ -106,16 +111,27 @@ class JaxBackend:
                                 clip_norm=settings.max_grad_norm if clip else None)
       self.plan = self.tx.plan(self.params)  # raises when no target is found
       self.opt_state = self.tx.init(self.params)
-    elif method in ("full", "lora"):
+    elif method in ("full", "lora", "galore"):
+      if method == "galore":
+        # GaLore on LoSiA's target projections (LLaMA-Factory's galore_target "all": every
+        # decoder linear); the embedding (the tied output), norms and an untied lm_head
+        # are not projected and get plain AdamW, like LLaMA-Factory's non-GaLore groups.
+        self._galore_dims = jax_optim.target_dimension_numbers(
+            self.params, self._target_plan().targets)
+        inner = jax_optim.galore(lr_fn, rank=settings.galore_rank,
+                                 update_proj_gap=settings.galore_update_gap,
+                                 scale=settings.galore_scale,
+                                 weight_dimension_numbers=self._galore_dims,
+                                 weight_decay=settings.weight_decay)
+      else:
+        inner = optax.adamw(lr_fn, weight_decay=settings.weight_decay)
       # A non-finite gradient skips the step (as LoSiA does) instead of writing NaN everywhere.
-      self.tx = optax.apply_if_finite(
-          optax.chain(*clip, optax.adamw(lr_fn, weight_decay=settings.weight_decay)),
-          max_consecutive_errors=2**30)
+      self.tx = optax.apply_if_finite(optax.chain(*clip, inner), max_consecutive_errors=2**30)
       if method == "lora":
         self.lora, self._lora_scale = self._init_lora()
       self.opt_state = self.tx.init(self.lora if method == "lora" else self.params)
     else:
-      raise ValueError(f"method must be one of losia, losia-pro, full, lora; got {method!r}")
+      raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
     self._step_fn = jax.jit(self._make_step(), donate_argnums=(0, 1))
 
   # --- model ------------------------------------------------------------------
@@ -126,16 +142,20 @@ class JaxBackend:
   def _loss(self, params, linear, ids, attention_mask, loss_mask):
     return masked_nll(self._apply(params, ids, attention_mask, linear=linear), ids, loss_mask)
 
+  def _target_plan(self):
+    """The projections LoSiA targets (its target_modules; the CLI passes no LoSiA
+    config to other methods: the defaults), without the output layer."""
+    cfg = dataclasses.replace(self.settings.losia or LoSiAConfig(), output_rank_factor=0.0)
+    return losia_jax.make_plan(self.params, cfg)  # raises when no target is found
+
   def _init_lora(self):
     """LoRA factors for every projection LoSiA would target (same target_modules)."""
     s = self.settings
     if s.lora_rank < 1:
       raise ValueError(f"lora_rank must be >= 1; got {s.lora_rank}")
-    cfg = dataclasses.replace(s.losia, output_rank_factor=0.0)
-    plan = losia_jax.make_plan(self.params, cfg)
     rng = np.random.default_rng(s.seed)
     lora = {}
-    for t in plan.targets:
+    for t in self._target_plan().targets:
       bound = 1.0 / math.sqrt(t.d_in)  # kaiming_uniform(a=sqrt(5)), PEFT's init of A
       lora[t.identities[0]] = {
           "a": jnp.asarray(rng.uniform(-bound, bound, (t.d_in, s.lora_rank)), jnp.float32),
@@ -156,7 +176,7 @@ class JaxBackend:
   def _make_grad(self):
     """``grad(trainable, opt_state, ids, am, lm) -> (loss, gradients)`` of one (micro-)batch."""
     method, tx = self.settings.method, self.tx
-    if method in ("losia", "full"):
+    if method in ("losia", "full", "galore"):
       def grad(params, opt_state, ids, am, lm):
         return jax.value_and_grad(lambda p: self._loss(p, default_linear, ids, am, lm))(params)
     elif method == "losia-pro":
@@ -179,7 +199,7 @@ class JaxBackend:
     def apply(tree, opt_state, g):
       if method in ("losia", "losia-pro"):
         return tx.apply_gradients(g, opt_state, tree)
-      if method == "full":
+      if method in ("full", "galore"):
         u, opt_state = tx.update(g, opt_state, tree)
         return optax.apply_updates(tree, u), opt_state
       params, lora = tree
@@ -249,7 +269,24 @@ class JaxBackend:
              f"{state / 2**20:.1f} MiB (AdamW on all: {8 * total / 2**20:.1f} MiB)"]
     if self.settings.method in ("losia", "losia-pro"):
       lines.append(self.plan.summary())
+    if self.settings.method == "galore":
+      lines.append(self._describe_galore())
     return "\n".join(lines)
+
+  def _describe_galore(self) -> str:
+    s = self.settings
+    galore = jax_optim.find_state(self.opt_state)
+    b = jax_optim.state_bytes(galore, self._galore_dims, self.params)
+    others = sum(x.size for x, d in zip(jax.tree.leaves(self.params),
+                                        jax_optim.flat_dims(self._galore_dims, self.params))
+                 if d is None)
+    ranks = "/".join(str(r) for r in sorted({int(p.shape[1]) for p in galore.projector}))
+    mib = lambda n: f"{n / 2**20:.1f} MiB"
+    return (f"GaLore: rank {s.galore_rank} (std side), projections refreshed by SVD every "
+            f"{s.galore_update_gap} steps, scale {s.galore_scale:g}; {len(galore.projector)} "
+            f"projected matrices (rank {ranks}); optimizer state: projectors "
+            f"{mib(b['projectors'])}, their low-rank Adam moments {mib(b['projected'])}, the "
+            f"full Adam moments of the {others:,} unprojected parameters {mib(b['full'])}")
 
   def train_step(self, batch: Batch) -> dict[str, float]:
     lr = float(self._lr[min(self._lr_count(), len(self._lr) - 1)])

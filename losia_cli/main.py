@@ -185,7 +185,7 @@ class Run:
         lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_variant=cfg.lora_variant,
         seed=cfg.seed, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
         precision=cfg.precision, grad_accum=cfg.grad_accum,
-        gradient_checkpointing=cfg.gradient_checkpointing)
+        gradient_checkpointing=cfg.gradient_checkpointing, **cfg.galore_settings)
     self.log(f"loading {cfg.model.description} on the {cfg.backend} backend ...")
     t0 = R.now()
     self.backend = make_backend(cfg, settings)

@@ -54,6 +54,24 @@ def test_method_picks_its_default_lr(tiny):
   assert A.parse_args(["--model", tiny, "--method", "full", "--lr", "0.1"]).lr == 0.1
 
 
+def test_galore_settings(tiny, capsys):
+  c = A.parse_args(["--model", tiny, "--method", "galore"])
+  assert (c.backend, c.lr) == ("jax", A.DEFAULT_LR["galore"])
+  # LLaMA-Factory's defaults: rank 16, projection update interval 200, scale 2.0
+  assert c.galore_settings == {"galore_rank": 16, "galore_update_gap": 200, "galore_scale": 2.0}
+  c = A.parse_args(["--model", tiny, "--method", "galore", "--galore-rank", "4",
+                    "--galore-update-gap", "50", "--galore-scale", "0.25"])
+  assert c.galore_settings == {"galore_rank": 4, "galore_update_gap": 50, "galore_scale": 0.25}
+  assert c.to_dict()["galore_rank"] == 4
+  # other methods carry none (a checkpoint written before GaLore resumes unchanged)
+  c = A.parse_args(["--model", tiny, "--method", "full"])
+  assert c.galore_settings == {} and c.to_dict()["galore_rank"] is None
+  assert main(["--help"]) == 0
+  text = capsys.readouterr().out
+  for flag in ("--galore-rank", "--galore-update-gap", "--galore-scale", "galore"):
+    assert flag in text
+
+
 def test_auto_period():
   assert A.auto_period(80, 31) == 1
   assert A.auto_period(1000, 31) == 16
@@ -144,6 +162,13 @@ BAD = [
     (["--precision", "fp16"], "--precision"),
     (["--gradient-checkpointing"], "--gradient-checkpointing"),  # the default backend is jax
     (["--backend", "jax", "--gradient-checkpointing"], "--gradient-checkpointing"),
+    (["--method", "galore", "--galore-rank", "0"], "--galore-rank"),
+    (["--method", "galore", "--galore-rank", "1.5"], "--galore-rank"),
+    (["--method", "galore", "--galore-update-gap", "0"], "--galore-update-gap"),
+    (["--method", "galore", "--galore-scale", "0"], "--galore-scale"),
+    (["--method", "galore", "--galore-scale", "nan"], "--galore-scale"),
+    (["--method", "lora", "--galore-rank", "8"], "--galore-rank"),  # GaLore's flags only
+    (["--backend", "torch", "--method", "galore"], "add --backend jax"),
 ]
 
 
