@@ -45,8 +45,9 @@ class TrainSettings:
   """Everything a backend needs to build its model and optimizer.
 
   ``losia`` holds the ``losia_common.LoSiAConfig`` (used by methods ``losia``
-  and ``losia-pro``; None for the others). ``total_steps`` is the number of optimizer steps of the
-  whole run (resumed runs included), for the learning-rate schedule.
+  and ``losia-pro``; None for the others). ``total_steps`` is the number of
+  optimizer steps of the whole run (resumed runs included), for the
+  learning-rate schedule.
   """
 
   method: str
