@@ -141,6 +141,7 @@ def follow_parameters(opt) -> None:
     if slot is not None and slot.ibar.device != t.param.device:
       slot.ibar, slot.ubar = slot.ibar.to(t.param.device), slot.ubar.to(t.param.device)
     block = opt.pro_blocks.get(id(t.param))
-    if block is not None:
+    if block is not None and (block.delta.device != t.param.device
+                              or block.delta.dtype != t.param.dtype):
       block.follow(t.param)
   opt.sync_pro_blocks()
