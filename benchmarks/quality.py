@@ -69,7 +69,19 @@ METHODS: dict[str, tuple[str, tuple[str, ...], tuple[float, ...]]] = {
                  (2e-4, 5e-4, 1e-3)),
     "losia": ("losia", (), LOSIA_LRS),
     "losia-pro": ("losia-pro", (), LOSIA_LRS),
+    # GaLore (the paper's baseline) with LLaMA-Factory's defaults: rank 16, SVD refresh every
+    # 200 steps (so once, at step 0, in a 100-step run), scale 2.0, std side. The grid
+    # brackets LLaMA-Factory's documented GaLore fine-tuning rate at scale 2.0, 1e-4 (the
+    # CLI's default), by 2x each way. At equal rates the targets' update is about
+    # scale * sqrt(r / min(d_in, d_out)) = 1/3 (k, v: 0.6) of full AdamW's (Frobenius
+    # norm, SmolLM2 shapes), while the embedding and norms get full AdamW's: 5e-5 gives those
+    # full's default rate, 2e-4 gives the targets about full's mid-grid step.
+    "galore-r16": ("galore", ("--galore-rank", "16"), (5e-5, 1e-4, 2e-4)),
 }
+# label -> the backend it runs on when not the harness's --backend: GaLore is the JAX
+# backend's only (optax; the registry's galore-torch needs bitsandbytes). Everything else of
+# the run is the same (steps, batch, seq-len, seed and so data order, the evaluation).
+METHOD_BACKENDS = {"galore-r16": "jax"}
 # LoSiA ablations: name -> extra flags (added to the LoSiA run at its chosen rate).
 ABLATIONS: dict[str, tuple[str, ...]] = {
     "sync": ("--schedule", "sync"),
@@ -122,6 +134,9 @@ class Run:
   @property
   def method(self) -> str:
     return METHODS[self.label][0]
+
+  def backend(self, default: str) -> str:
+    return METHOD_BACKENDS.get(self.label, default)
 
   @property
   def key(self) -> str:
@@ -286,7 +301,7 @@ class Harness:
     return env
 
   def cli_argv(self, run: Run, out: str) -> list[str]:
-    argv = ["--backend", self.o.backend, "--method", run.method, "--task", run.task,
+    argv = ["--backend", run.backend(self.o.backend), "--method", run.method, "--task", run.task,
             "--steps", str(run.steps), "--batch-size", str(self.o.batch_size),
             "--seq-len", str(self.o.seq_len), "--lr", f"{run.lr:g}", "--seed", str(run.seed),
             "--eval-size", "0", "--save-every", str(self.o.save_every), "--keep-checkpoints", "1",
@@ -473,7 +488,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
                  help="sweep LoSiA-Pro's rate too (default: it takes LoSiA's, same trajectory)")
   for name in ("n_val", "n_test", "n_capitals", "ppl_chunks", "ppl_len"):
     p.add_argument("--" + name.replace("_", "-"), type=int)
-  p.add_argument("--backend", default="torch", choices=("torch", "jax"))
+  p.add_argument("--backend", default="torch", choices=("torch", "jax"),
+                 help="every method's backend but " + ", ".join(
+                     f"{m}'s ({b})" for m, b in METHOD_BACKENDS.items()) + " (default: torch)")
   p.add_argument("--model", help="model directory or .gguf (default: the embedded SmolLM2)")
   p.add_argument("--batch-size", type=int, default=8)
   p.add_argument("--seq-len", type=int, default=64)

@@ -71,3 +71,34 @@ def test_harness_end_to_end_and_resumes(tmp_path):
   # loss-only probes import into the same report
   assert quality.main(argv + ["--import-probes", str(runs)]) == 0
   assert "## Loss-only probes" in report.read_text()
+
+
+def test_galore_runs_on_jax_with_everything_else_shared(tmp_path):
+  """GaLore's runs use the JAX backend whatever --backend says; the rest of the command
+  line (steps, batch, seq-len, seed, data) is every other method's; one runs end to end."""
+  quality = _load_harness()
+  tiny = make_tiny_model(str(tmp_path / "tiny"))
+  assert "galore-r16" in quality.PRESETS["full"]["methods"]
+  assert "galore-r16" not in quality.PRESETS["quick"]["methods"]
+  assert len(quality.METHODS["galore-r16"][2]) >= 3
+  common = ["--model", tiny, "--tasks", "arithmetic", "--steps", "2", "--seeds", "0",
+            "--lrs", "1e-3", "--ablate", "none", "--no-continual", "--n-val", "2",
+            "--n-test", "2", "--n-capitals", "2", "--ppl-chunks", "1", "--ppl-len", "16",
+            "--seq-len", "128", "--batch-size", "2", "--save-every", "0",
+            "--json", str(tmp_path / "q.json"), "--report", str(tmp_path / "QUALITY.md"),
+            "--runs-dir", str(tmp_path / "runs"), "--in-process"]
+  h = quality.Harness(quality.parse(common + ["--methods", "galore-r16,losia"]))
+  argv = {r.label: h.cli_argv(r, "OUT") for r in h.sweep()}
+  assert argv["galore-r16"][:4] == ["--backend", "jax", "--method", "galore"]
+  assert argv["losia"][:4] == ["--backend", "torch", "--method", "losia"]
+  g = argv["galore-r16"]
+  i = g.index("--galore-rank")
+  assert g[i:i + 2] == ["--galore-rank", "16"]
+  assert g[4:i] + g[i + 2:] == argv["losia"][4:]  # all but the method's own flags
+  assert quality.main(common + ["--methods", "galore-r16"]) == 0
+  state = json.loads((tmp_path / "q.json").read_text())
+  assert not state.get("failed")
+  (res,) = state["runs"].values()
+  assert res["command"].startswith("losia-finetune --backend jax --method galore")
+  assert len(res["losses"]) == 2 and 0.0 <= res["val"] <= 1.0
+  assert "galore-r16" in (tmp_path / "QUALITY.md").read_text()
