@@ -36,7 +36,8 @@ import transformers
 
 import losia_torch
 from losia_cli import data as _data
-from losia_cli.backend import METHODS, PRECISIONS, Batch, ModelSource, TrainSettings
+from losia_cli.backend import (BACKEND_OF_METHOD, METHODS, PRECISIONS, Batch, ModelSource,
+                               TrainSettings)
 from losia_cli.schedules import lr_multiplier
 from losia_common import LoSiAConfig
 from losia_common import names as _names
@@ -194,6 +195,9 @@ class TorchBackend:
                device: Optional[str] = None):
     if settings.method not in METHODS:
       raise ValueError(f"method must be one of {', '.join(METHODS)}; got {settings.method!r}")
+    if BACKEND_OF_METHOD.get(settings.method, self.name) != self.name:
+      raise ValueError(f"method {settings.method!r} runs on the "
+                       f"{BACKEND_OF_METHOD[settings.method]} backend, not torch")
     lr_multiplier(0, settings.lr_schedule, settings.warmup_steps, settings.total_steps)  # validates
     if settings.precision not in PRECISIONS:
       raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got "

@@ -396,3 +396,10 @@ def test_gguf_source_trains_and_exports(tiny_model, tmp_path):
                                                                dtype=torch.float32)
   assert "quantization_config" not in reloaded.config.to_dict()
   torch.testing.assert_close(logits_of(reloaded, ids), logits_of(be.model, ids), atol=1e-5, rtol=0)
+
+
+def test_a_jax_only_method_is_refused_by_the_backend_itself(tiny_model):
+  """Callers that bypass the CLI's check must not fall into another method's branch."""
+  source, _ = tiny_model
+  with pytest.raises(ValueError, match="'galore' runs on the jax backend"):
+    TorchBackend(source, settings("galore"))
