@@ -10,7 +10,7 @@ import optax
 
 from losia_common import LoSiAConfig
 from losia_jax.targets import DimensionNumbersArg
-from losia_jax.transform import LoSiATransformation, scale_by_losia
+from losia_jax.transform import scale_by_losia
 
 _STAGE_MESSAGE = (
     "losia_jax.losia(config) is a LoSiA stage without an optimizer: it only works as "

@@ -3,14 +3,20 @@
 Indices are sorted and unique, which we tell XLA: it then emits a plain
 gather, and a scatter-add into a donated weight that runs in place, instead of
 materialising a parameter-sized update.
+
+Per leaf (:func:`gather_block`, :func:`add_block`, ...) and per bucket (all
+matrices of one role, stacked in layer order as the state holds them:
+:func:`gather_bucket`, :func:`write_bucket`).
 """
 
 from __future__ import annotations
 
+from typing import Callable, Sequence
+
 import jax
 import jax.numpy as jnp
 
-from losia_jax.targets import TargetSpec
+from losia_jax.targets import Bucket, TargetSpec
 
 _FLAGS = dict(indices_are_sorted=True, unique_indices=True, mode="promise_in_bounds")
 
@@ -94,3 +100,37 @@ def set_layer_block(m: jax.Array, spec: TargetSpec, r: jax.Array, c: jax.Array,
 def get_layer_block(m: jax.Array, spec: TargetSpec, r: jax.Array, c: jax.Array) -> jax.Array:
   """One layer's block (``spec.block_shape``) of its matrix ``m``."""
   return _take_block(m, spec, r, c)
+
+
+# --- buckets: all matrices of one role -----------------------------------------
+
+BlockWriter = Callable[[jax.Array, TargetSpec, jax.Array, jax.Array, jax.Array], jax.Array]
+"""``(leaf, spec, rows, cols, block) -> new leaf``: :func:`add_block`, :func:`set_block`
+or :func:`scatter_block`."""
+
+
+def member_span(x: jax.Array, bucket: Bucket, member: int) -> jax.Array:
+  """The rows of a bucket-stacked array (``[N, ...]``) that belong to ``bucket.members[member]``."""
+  start = bucket.offsets[member]
+  return x[start:start + bucket.members[member].n]
+
+
+def gather_bucket(leaves: Sequence[jax.Array], bucket: Bucket, rows: jax.Array,
+                  cols: jax.Array) -> jax.Array:
+  """The blocks of every matrix of ``bucket`` (``[N, *block_shape]``) from ``leaves``.
+
+  ``leaves`` is indexed by leaf index (a list of all leaves, or a dict holding
+  the bucket's); ``rows``/``cols`` are the bucket's ``[N, k]`` indices.
+  """
+  parts = [gather_block(leaves[t.leaf_index], t, member_span(rows, bucket, j),
+                        member_span(cols, bucket, j)) for j, t in enumerate(bucket.members)]
+  return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+
+
+def write_bucket(leaves: list, bucket: Bucket, rows: jax.Array, cols: jax.Array,
+                 blocks: jax.Array, write: BlockWriter) -> None:
+  """Writes ``blocks`` (``[N, *block_shape]``) into the bucket's leaves of ``leaves`` (a list,
+  replaced in place) with ``write``, each member its span."""
+  for j, t in enumerate(bucket.members):
+    leaves[t.leaf_index] = write(leaves[t.leaf_index], t, member_span(rows, bucket, j),
+                                 member_span(cols, bucket, j), member_span(blocks, bucket, j))

@@ -26,7 +26,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
 
 from losia_jax.sharding import state_shardings
-from losia_jax.transform import LoSiAState
+from losia_jax.state import LoSiAState
 
 _ITEMS = ("params", "opt_state")
 

@@ -10,7 +10,8 @@ import optax
 
 from losia_jax.alias import LoSiAStage
 from losia_jax.inner import check_elementwise
-from losia_jax.transform import LoSiAState, LoSiATransformation, _make, scale_by_losia
+from losia_jax.state import LoSiAState, LoSiATransformation
+from losia_jax.transform import scale_by_losia
 
 
 def chain(*transforms: optax.GradientTransformation) -> LoSiATransformation:
@@ -72,20 +73,20 @@ def chain(*transforms: optax.GradientTransformation) -> LoSiATransformation:
         "To train the blocks with your own optimizer write "
         "losia_jax.chain(losia_jax.losia(config), optax.adamw(lr, ...)); to pre-process "
         "gradients put that transformation before LoSiA")
-  transforms = head + (core,)
-  plain = optax.chain(*transforms)
+  plain = optax.chain(*head, core)
 
-  def apply_fn(grads, state, params):
+  def apply_gradients(grads, state, params):
+    """``head``'s updates on the gradients, then LoSiA's fused step."""
     state = tuple(state)
-    new = []
-    for tx, st in zip(head, state[:-1]):
-      grads, st = tx.update(grads, st, params)
-      new.append(st)
-    params, st = core.apply_gradients(grads, state[-1], params)
-    return params, tuple(new) + (st,)
+    head_states = []
+    for transformation, head_state in zip(head, state[:-1]):
+      grads, head_state = transformation.update(grads, head_state, params)
+      head_states.append(head_state)
+    params, losia_state = core.apply_gradients(grads, state[-1], params)
+    return params, tuple(head_states) + (losia_state,)
 
-  return _make(plain.init, plain.update, apply_fn, core.plan, len(transforms) - 1,
-               chained=transforms, config=core.config, inner=core._inner)
+  return LoSiATransformation(plain.init, plain.update, apply_gradients=apply_gradients,
+                             plan=core.plan, config=core.config, inner=core.inner)
 
 
 def state_nbytes(state: Any) -> int:

@@ -1,11 +1,19 @@
 """The two gradient forms LoSiA's update reads: a parameter-shaped tree, or
-:class:`ProGradients` (LoSiA-Pro's compact blocks). ``_DenseGrads`` and
-``_ProGrads`` give the transform one interface over both; their ``ops`` are
-what travels through its conditionals."""
+:class:`ProGradients` (LoSiA-Pro's compact blocks).
+
+:func:`gradient_view` wraps either in one interface, :class:`DenseGradients` or
+:class:`CompactGradients`:
+
+- ``block(bucket, rows, cols)``: the gradient of every block of a role;
+- ``layer(ops, bucket, member, local)``: the full gradient of one layer's
+  matrix (for importance), read from ``ops``, the arrays that travel through
+  the step's conditionals (a static method, so that it runs inside them);
+- ``leaf(key, index)``: the full gradient of a non-target (or row-mode) leaf.
+"""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple, Union
 
 import jax
 
@@ -35,29 +43,29 @@ class ProGradients(NamedTuple):
   dense: dict[str, jax.Array]
 
 
-class _DenseGrads:
-  """Reads of a parameter-shaped gradient tree. ``ops`` travel through conditionals."""
+class DenseGradients:
+  """Reads of a parameter-shaped gradient tree; ``ops`` are its leaves."""
 
-  def __init__(self, grads, plan: LoSiAPlan):
+  def __init__(self, grads: Any, plan: LoSiAPlan):
     self.ops = jax.tree_util.tree_leaves(grads)
     if len(self.ops) != len(plan.keys):
       raise ValueError(f"grads have {len(self.ops)} leaves but params {len(plan.keys)}")
 
-  def block(self, b: Bucket, gather):
-    return gather(self.ops, b)
+  def block(self, bucket: Bucket, rows: jax.Array, cols: jax.Array) -> jax.Array:
+    return blocks.gather_bucket(self.ops, bucket, rows, cols)
 
   @staticmethod
-  def layer(ops, b: Bucket, j: int, l: int):
-    t = b.members[j]
-    return blocks.layer_slice(ops[t.leaf_index], t, l)
+  def layer(ops, bucket: Bucket, member: int, local) -> jax.Array:
+    t = bucket.members[member]
+    return blocks.layer_slice(ops[t.leaf_index], t, local)
 
   def leaf(self, key: str, index: int):
     return self.ops[index]
 
 
-class _ProGrads:
+class CompactGradients:
   """Reads of :class:`ProGradients`: compact blocks, the profiling layer's full
-  gradients and the dense leaves."""
+  gradients and the dense leaves; ``ops`` are ``(profile, dense)``."""
 
   def __init__(self, grads: ProGradients, plan: LoSiAPlan, train_non_targets: bool):
     want_blocks = {b.role for b in plan.buckets if not b.first.row_mode}
@@ -73,18 +81,34 @@ class _ProGrads:
     self.grads = grads
     self.ops = (grads.profile, grads.dense)
 
-  def block(self, b: Bucket, gather):
-    if b.first.row_mode:  # the output layer keeps its full gradient
-      return gather({t.leaf_index: self.grads.dense[t.key] for t in b.members}, b)
-    return self.grads.blocks[b.role]
+  def block(self, bucket: Bucket, rows: jax.Array, cols: jax.Array) -> jax.Array:
+    if bucket.first.row_mode:  # the output layer keeps its full gradient
+      dense = {t.leaf_index: self.grads.dense[t.key] for t in bucket.members}
+      return blocks.gather_bucket(dense, bucket, rows, cols)
+    return self.grads.blocks[bucket.role]
 
   @staticmethod
-  def layer(ops, b: Bucket, j: int, l: int):
+  def layer(ops, bucket: Bucket, member: int, local) -> jax.Array:
+    del local  # Pro gradients hold the profiling layer's matrix only
     profile, dense = ops
-    t = b.members[j]
+    t = bucket.members[member]
     if t.row_mode:
       return dense[t.key]
-    return profile[b.role]
+    return profile[bucket.role]
 
   def leaf(self, key: str, index: int):
     return self.grads.dense[key]
+
+
+GradientView = Union[DenseGradients, CompactGradients]
+
+
+def gradient_view(grads: Any, plan: LoSiAPlan, train_non_targets: bool,
+                  is_async: bool) -> GradientView:
+  """``grads`` (a parameter-shaped tree or :class:`ProGradients`) behind one interface."""
+  if isinstance(grads, ProGradients):
+    if not is_async:
+      raise ValueError("LoSiA-Pro gradients need schedule='async': in sync mode every "
+                       "target needs its full gradient during a profiling slot")
+    return CompactGradients(grads, plan, train_non_targets)
+  return DenseGradients(grads, plan)

@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from losia_jax.state import LoSiATransformation
+
 # The schedule counters of optax's state types: `ScaleByScheduleState` (a
 # learning-rate schedule in `optax.adamw(schedule)`) and the counters of
 # `optax.inject_hyperparams`. Adam's own count is *not* one of them: it drives
@@ -96,7 +98,6 @@ def check_elementwise(tx: optax.GradientTransformation, what: str = "the optimiz
   the left half of the block's update in both cases, and keeps only scalar or
   block-shaped state.
   """
-  from losia_jax.transform import LoSiATransformation  # the module imports us
   if isinstance(tx, LoSiATransformation):
     raise ValueError(f"{what} is itself a LoSiA transformation; put one LoSiA stage in the "
                      "chain, followed by a plain optax optimizer such as optax.adamw(lr)")

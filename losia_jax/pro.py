@@ -52,7 +52,8 @@ from losia_jax.compose import find_losia_state
 # One hook definition for the models and Pro (re-exported here for loss functions).
 from losia_jax.linear import Linear, default_linear, project  # noqa: F401
 from losia_jax.schedule import slot_owner
-from losia_jax.transform import LoSiATransformation, ProGradients
+from losia_jax.gradients import ProGradients
+from losia_jax.state import LoSiATransformation
 
 _TAKE = dict(axis=-1, mode="clip", indices_are_sorted=True, unique_indices=True)
 

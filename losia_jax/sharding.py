@@ -9,7 +9,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from losia_jax.importance import ImportanceState
-from losia_jax.transform import LoSiAState
+from losia_jax.state import LoSiAState
 from losia_jax.wrappers import LoSiACore, find_losia
 
 

@@ -64,25 +64,37 @@ class LoSiAState(NamedTuple):
 class LoSiATransformation(optax.GradientTransformationExtraArgs):
   """An Optax transformation with LoSiA's fused path.
 
-  Besides ``init``/``update`` it carries ``apply_gradients(grads, state,
-  params) -> (params, state)``, the in-place path, and ``plan(params)``, which
-  reports the targets LoSiA found. Instances are made by :func:`scale_by_losia`,
-  :func:`losia` and :func:`chain`.
+  Made by :func:`losia_jax.scale_by_losia`, :func:`losia_jax.losia` and
+  :func:`losia_jax.chain`. The tuple holds ``(init, update)`` only, as every
+  optax transformation does (``optax.chain`` unpacks its elements into those
+  two); the rest are attributes, all given to the constructor.
+
+  Attributes:
+    init: ``init(params) -> state``.
+    update: ``update(grads, state, params) -> (updates, state)``.
+    apply_gradients: ``apply_gradients(grads, state, params) -> (params, state)``,
+      the fused path: each compact update is written into the (donated) params
+      in place.
+    plan: ``plan(params) -> LoSiAPlan``, the targets LoSiA acts on.
+    config: the :class:`LoSiAConfig`.
+    inner: LoSiA's inner optimizer (its state on non-targets is laid out like
+      the params; :func:`losia_jax.state_shardings` reads it).
   """
 
   apply_gradients: Callable[..., tuple[Params, Any]]
   plan: Callable[[Params], LoSiAPlan]
-  losia_index: int  # position of the LoSiA state in a chain's state tuple (-1: itself)
   config: LoSiAConfig
+  inner: optax.GradientTransformation
 
+  def __new__(cls, init, update, *, apply_gradients, plan, config, inner):
+    self = super().__new__(cls, init, update)
+    # A NamedTuple subclass without __slots__ keeps other attributes in a __dict__.
+    self.apply_gradients = apply_gradients
+    self.plan = plan
+    self.config = config
+    self.inner = inner
+    return self
 
-def _make(init, update, apply_gradients, plan, losia_index=-1, inner=None,
-          chained=(), config=None) -> LoSiATransformation:
-  tx = LoSiATransformation(init, update)
-  tx.apply_gradients = apply_gradients
-  tx.plan = plan
-  tx.config = config
-  tx.losia_index = losia_index
-  tx._inner = inner  # the inner optimizer (for state shardings)
-  tx._chained = tuple(chained)  # the transformations of a chain
-  return tx
+  def __getnewargs_ex__(self):  # copy and pickle go through the constructor
+    return tuple(self), dict(apply_gradients=self.apply_gradients, plan=self.plan,
+                             config=self.config, inner=self.inner)

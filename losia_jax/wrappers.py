@@ -29,9 +29,9 @@ import numpy as np
 import optax
 from optax._src import numerics
 
-from losia_jax import transform
+from losia_jax.state import LoSiATransformation
 from losia_jax.targets import LoSiAPlan
-from losia_jax.transform import LoSiATransformation
+from losia_jax.transform import LoSiAFunctions
 
 Params = Any
 ApplyFn = Callable[[Any, Any, Params], tuple[Params, Any]]
@@ -59,15 +59,20 @@ def find_losia(tx: Any) -> list[LoSiACore]:
 
   Looks through attributes (``optax.MultiSteps``), bound methods, closures
   (``optax.chain``, ``optax.apply_if_finite``, user wrappers),
-  ``functools.partial`` and containers. ``optax.inject_hyperparams`` builds its
-  transformation at every call, so it is built once here from the factory and
-  the initial hyper-parameters (the plan does not depend on them).
+  ``functools.partial`` and containers. A :class:`LoSiATransformation` is
+  recognised by its type; where a wrapper kept only its ``init``/``update``
+  (``optax.chain``), by those: they are bound methods of a
+  :class:`~losia_jax.transform.LoSiAFunctions`. ``optax.inject_hyperparams``
+  builds its transformation at every call, so it is built once here from the
+  factory and the initial hyper-parameters (the plan does not depend on them).
   """
   found: list[LoSiACore] = []
   seen: set[int] = set()
 
   def add(core: LoSiACore):
-    if all(core.plan is not c.plan for c in found):
+    # `==`, not `is`: each access to a bound method (`functions.plan`) makes a new
+    # one, equal to the others
+    if all(core.plan != c.plan for c in found):
       found.append(core)
 
   def visit(obj, depth):
@@ -75,7 +80,10 @@ def find_losia(tx: Any) -> list[LoSiACore]:
       return
     seen.add(id(obj))
     if isinstance(obj, LoSiATransformation):
-      add(LoSiACore(obj.plan, getattr(obj, "_inner", None)))
+      add(LoSiACore(obj.plan, obj.inner))
+      return
+    if isinstance(obj, LoSiAFunctions):
+      add(LoSiACore(obj.plan, obj.inner))
       return
     if isinstance(obj, types.MethodType):
       visit(obj.__self__, depth + 1)
@@ -83,10 +91,6 @@ def find_losia(tx: Any) -> list[LoSiACore]:
       for x in (obj.func, obj.args, obj.keywords):
         visit(x, depth + 1)
     elif isinstance(obj, types.FunctionType):
-      core = _scale_by_losia_core(obj)
-      if core is not None:
-        add(core)
-        return
       injected = _injected_transformation(obj)
       if injected is not None:
         visit(injected, depth + 1)
@@ -114,22 +118,6 @@ def _closure(fn: types.FunctionType) -> dict[str, Any]:
     except ValueError:  # a cell not yet filled
       pass
   return out
-
-
-def _scale_by_losia_core(fn: types.FunctionType) -> Optional[LoSiACore]:
-  """The LoSiA behind one of :func:`scale_by_losia`'s own functions.
-
-  ``optax.chain`` keeps only the ``init``/``update`` functions of its elements,
-  not the :class:`LoSiATransformation` tuple, so LoSiA is recognised by its
-  ``init_fn``'s closure (``plan_of`` and the inner optimizer ``base``).
-  """
-  if fn.__module__ != transform.__name__:
-    return None
-  cells = _closure(fn)
-  plan, base = cells.get("plan_of"), cells.get("base")
-  if callable(plan) and hasattr(base, "init"):
-    return LoSiACore(plan, base)
-  return None
 
 
 def _injected_transformation(fn: types.FunctionType) -> Any:

@@ -1,0 +1,384 @@
+"""The two profiling schedules of LoSiA: which layers profile, and how they relocalize.
+
+``config.schedule`` picks one strategy (LOSIA_SPEC.md section 5):
+
+- :class:`AsyncSchedule`: one layer at a time. Step ``s`` belongs to the
+  profiling slot of layer ``owner(s)``; only that layer's matrices read their
+  full gradients and accumulate importance (in one matrix-sized buffer per
+  role, reused by whichever layer profiles), and at the end of the slot only
+  they choose a new block.
+- :class:`SyncSchedule`: every layer at once, in the first ``period`` steps of
+  each round (``owner == 0``); then every matrix chooses a new block together.
+
+A strategy answers the four questions a step asks of its schedule, in the
+order the step asks them (:mod:`losia_jax.transform`):
+
+1. :meth:`~AsyncSchedule.inspect_profiling` — are the full gradients the
+   profiling matrices read finite, and their squared norm (for ``clip_norm``);
+2. :meth:`~AsyncSchedule.read_sq_norm` — the squared norm of every target
+   gradient value the step reads;
+3. :meth:`~AsyncSchedule.profile` — the importance buffers after this step;
+4. :meth:`~AsyncSchedule.relocalize` — new blocks and fresh inner states at
+   the end of a window.
+
+Everything runs inside the jitted step: which layer profiles is a traced
+value, read through ``lax.switch``/``lax.cond`` or dynamic indexing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, NamedTuple, Optional, Protocol
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from losia_common import LoSiAConfig
+from losia_jax import blocks
+from losia_jax.gradients import GradientView
+from losia_jax.importance import ImportanceState, accumulate_importance, importance_score
+from losia_jax.selection import select_rows, select_subnet
+from losia_jax.state import LoSiAState, TargetState
+from losia_jax.steps import all_finite, product, sq_norm
+from losia_jax.targets import Bucket, LoSiAPlan, TargetSpec
+
+
+class WeightsBefore(Protocol):
+  """How importance reads the weights as they were before this step's update.
+
+  Implemented by the two output paths (:mod:`losia_jax.paths`): the optax path
+  never writes the params, so they are the weights before; the fused path has
+  already written the blocks in place and puts the old block values back.
+  """
+
+  leaves: list
+  """The leaves the products ``W ⊙ G`` of the profiling layer read (async)."""
+
+  def member(self, bucket: Bucket, member: int) -> jax.Array:
+    """The whole leaf of ``bucket.members[member]`` before the step (sync)."""
+
+  def restore_old_block(self, bucket: Bucket, products: jax.Array,
+                        clipped: Callable[[jax.Array], jax.Array]) -> jax.Array:
+    """``products`` (``W ⊙ G`` of the profiling matrix, async) with its block's entries
+    computed from the old block."""
+
+
+class OwnerSlot(NamedTuple):
+  """Where the matrix of one role in layer ``owner`` sits (traced, from static tables).
+
+  Attributes:
+    member: 1-based index of the bucket member holding it; 0 when that layer has
+      no matrix of this role (e.g. the output layer's slot for a decoder role).
+    local: its index inside that member (the layer axis of a stacked leaf).
+    position: its index in the bucket's stacked state (``[N, ...]``).
+  """
+
+  member: jax.Array
+  local: jax.Array
+  position: jax.Array
+
+
+def owner_slot(bucket: Bucket, plan: LoSiAPlan, owner: jax.Array) -> OwnerSlot:
+  member, local, position = (jnp.asarray(a) for a in bucket.tables(plan.total))
+  return OwnerSlot(member[owner], local[owner], position[owner])
+
+
+def holds_matrix(bucket: Bucket, plan: LoSiAPlan, owner: jax.Array) -> jax.Array:
+  """Whether layer ``owner`` has a matrix of ``bucket``'s role."""
+  return owner_slot(bucket, plan, owner).member > 0
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Schedule:
+  """What both schedules share.
+
+  Attributes:
+    config: the LoSiA configuration (period, importance kind and betas).
+    inner: the inner optimizer, whose state restarts on a new block.
+    clipping: ``clip_norm`` is set, so the step needs gradient norms.
+  """
+
+  config: LoSiAConfig
+  inner: optax.GradientTransformation
+  clipping: bool
+
+  def fresh_inner(self, bucket: Bucket) -> optax.OptState:
+    """A fresh inner state for one block of ``bucket``."""
+    return self.inner.init(jnp.zeros(bucket.first.block_shape, jnp.float32))
+
+  @staticmethod
+  def choose(spec: TargetSpec, slot_score: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """New ``(rows, cols)`` of one per-layer matrix from its score (stored layout)."""
+    score = slot_score.T if spec.transposed else slot_score
+    if spec.row_mode:
+      return select_rows(score, spec.k_out), jnp.arange(spec.d_in, dtype=jnp.int32)
+    return select_subnet(score, spec.k_out, spec.k_in)
+
+  def accumulate(self, slot: ImportanceState, products: jax.Array, fresh_window: jax.Array,
+                 active: Optional[jax.Array] = None) -> ImportanceState:
+    cfg = self.config
+    return accumulate_importance(slot, products, cfg.importance, cfg.importance_beta1,
+                                 cfg.importance_beta2, active=active, fresh=fresh_window)
+
+
+class AsyncSchedule(_Schedule):
+  """One layer profiles at a time: the slot of step ``s`` is layer ``owner(s)``'s."""
+
+  is_async = True
+
+  @staticmethod
+  def importance_shape(spec: TargetSpec, bucket: Bucket) -> tuple[int, ...]:
+    del bucket
+    return spec.slice_shape  # one matrix per role, reused by every layer
+
+  def inspect_profiling(self, plan: LoSiAPlan, grads: GradientView, owner: jax.Array
+                        ) -> tuple[jax.Array, jax.Array]:
+    """Whether the profiling layer's full gradients are finite, and their squared norm."""
+    zero = jnp.zeros([], jnp.float32)
+
+    def check(bucket, member, local, grad_ops):
+      g = grads.layer(grad_ops, bucket, member, local)
+      return jnp.all(jnp.isfinite(g)), (sq_norm(g) if self.clipping else zero)
+
+    none = lambda bucket: (jnp.array(True), zero)
+    found = _per_owner(plan, owner, check, none, grads.ops)
+    ok, sq = jnp.array(True), zero
+    for b in plan.buckets:
+      mine = holds_matrix(b, plan, owner)
+      ok = ok & (found[b.role][0] | ~mine)
+      sq = sq + jnp.where(mine, found[b.role][1], 0.0)
+    return ok, sq
+
+  def read_sq_norm(self, sq: jax.Array, plan: LoSiAPlan, grads: GradientView,
+                   grad_blocks: dict[str, jax.Array], owner: jax.Array,
+                   owner_sq: jax.Array) -> jax.Array:
+    """``sq`` plus every target's block, except the profiling layer's, whose full
+    gradients (``owner_sq``) count instead."""
+    del grads
+    for b in plan.buckets:
+      g = grad_blocks[b.role]
+      per_matrix = jnp.sum(jnp.square(g), axis=tuple(range(1, g.ndim)))
+      slot = owner_slot(b, plan, owner)
+      profiling = (jnp.arange(b.size) == slot.position) & (slot.member > 0)
+      sq = sq + jnp.sum(jnp.where(profiling, 0.0, per_matrix))
+    return sq + owner_sq
+
+  def profile(self, plan: LoSiAPlan, state: LoSiAState, grads: GradientView, owner: jax.Array,
+              finite: jax.Array, clip: Optional[jax.Array], before: WeightsBefore
+              ) -> dict[str, ImportanceState]:
+    """The buffers after this step: the profiling layer's ``W ⊙ G`` accumulated.
+
+    Only the products of the owner's matrices come out of the layer switch; the
+    buffers are updated outside it, elementwise and masked by whether the owner
+    holds a matrix of the role. XLA copies any buffer passed through a
+    conditional (in the branch and again into the donated output): with one
+    LLaMA-7B layer's buffers (1.6 GB) that was two copies per step.
+    """
+    clipped = _clipper(clip)
+    importance = dict(state.importance)
+    fresh_window = _fresh_window(state, self.config)
+
+    def products_of(bucket, member, local, weight_leaves, grad_ops):
+      t = bucket.members[member]
+      return product(blocks.layer_slice(weight_leaves[t.leaf_index], t, local),
+                     clipped(grads.layer(grad_ops, bucket, member, local)))
+
+    none = lambda bucket: jnp.zeros(importance[bucket.role].ibar.shape, jnp.float32)
+    products = _per_owner(plan, jnp.where(finite, owner, -1), products_of, none,
+                          before.leaves, grads.ops)
+    for b in plan.buckets:
+      p = before.restore_old_block(b, products[b.role], clipped)
+      importance[b.role] = self.accumulate(importance[b.role], p, fresh_window,
+                                           active=finite & holds_matrix(b, plan, owner))
+    return importance
+
+  def relocalize(self, plan: LoSiAPlan, targets: dict[str, TargetState],
+                 importance: dict[str, ImportanceState], owner: jax.Array, due: jax.Array,
+                 step: jax.Array) -> dict[str, TargetState]:
+    """End of the owner's window (``due``): its matrices get new blocks and fresh inner state.
+
+    Only the selection runs in a ``lax.cond`` (one for all roles), and it
+    returns just the new indices: passing the importance buffers or the inner
+    states through a conditional makes XLA copy them on every step. The small
+    writes happen outside, masked by ``due``. The buffers themselves are reset
+    at the first step of the next window (see :meth:`profile`).
+    """
+    def select(importance):
+      return {b.role: self.choose(b.first, importance_score(importance[b.role]))
+              for b in plan.buckets}
+
+    def keep(importance):
+      return {b.role: (targets[b.role].rows[0], targets[b.role].cols[0]) for b in plan.buckets}
+
+    new_indices = jax.lax.cond(due, select, keep, importance)
+    targets = dict(targets)
+    for b in plan.buckets:
+      ts = targets[b.role]
+      slot = owner_slot(b, plan, owner)
+      # the owner may hold no matrix of this role (e.g. the output layer)
+      moves = due & (slot.member > 0)
+
+      def at_owner(x, new, position=slot.position, moves=moves):
+        return x.at[position].set(jnp.where(moves, new, x[position]))
+
+      rows, cols = new_indices[b.role]
+      targets[b.role] = TargetState(at_owner(ts.rows, rows), at_owner(ts.cols, cols),
+                                    jax.tree.map(at_owner, ts.inner, self.fresh_inner(b)),
+                                    at_owner(ts.last_relocalization, step), ts.master)
+    return targets
+
+
+class SyncSchedule(_Schedule):
+  """Every layer profiles in the first slot of each round (``owner == 0``)."""
+
+  is_async = False
+
+  @staticmethod
+  def importance_shape(spec: TargetSpec, bucket: Bucket) -> tuple[int, ...]:
+    return (bucket.size,) + spec.slice_shape  # one buffer per matrix
+
+  def inspect_profiling(self, plan: LoSiAPlan, grads: GradientView, owner: jax.Array
+                        ) -> tuple[jax.Array, None]:
+    """Whether every target's full gradient is finite, in the profiling slot (no norm:
+    :meth:`read_sq_norm` takes it)."""
+    def check(grad_ops):
+      return all_finite(grad_ops[t.leaf_index] for t in plan.targets)
+
+    ok = jax.lax.cond(owner == 0, check, lambda grad_ops: jnp.array(True), grads.ops)
+    return ok, None
+
+  def read_sq_norm(self, sq: jax.Array, plan: LoSiAPlan, grads: GradientView,
+                   grad_blocks: dict[str, jax.Array], owner: jax.Array,
+                   owner_sq: None) -> jax.Array:
+    """``sq`` plus the full gradients of every target in the profiling slot, the blocks
+    otherwise."""
+    del owner_sq
+    blocks_sq = sum(jnp.sum(jnp.square(g)) for g in grad_blocks.values())
+
+    def full(grad_ops):
+      return sum(sq_norm(grad_ops[t.leaf_index]) for t in plan.targets)
+
+    return sq + jax.lax.cond(owner == 0, full, lambda grad_ops: blocks_sq, grads.ops)
+
+  def profile(self, plan: LoSiAPlan, state: LoSiAState, grads: GradientView, owner: jax.Array,
+              finite: jax.Array, clip: Optional[jax.Array], before: WeightsBefore
+              ) -> dict[str, ImportanceState]:
+    """The buffers after this step: every target's ``W ⊙ G``, in one conditional."""
+    clipped = _clipper(clip)
+    fresh_window = _fresh_window(state, self.config)
+
+    def accumulate_all(importance, grad_ops):
+      importance = dict(importance)
+      for b in plan.buckets:
+        slot = importance[b.role]
+        for j, t in enumerate(b.members):
+          shape = (t.n,) + t.slice_shape
+          span = lambda x, j=j, b=b: blocks.member_span(x, b, j)
+          new = self.accumulate(jax.tree.map(span, slot), product(
+              before.member(b, j).reshape(shape),
+              clipped(grad_ops[t.leaf_index]).reshape(shape)), fresh_window)
+          start = b.offsets[j]
+          slot = jax.tree.map(lambda buf, part: buf.at[start:start + part.shape[0]].set(part),
+                              slot, new)
+        importance[b.role] = slot
+      return importance
+
+    return jax.lax.cond((owner == 0) & finite, accumulate_all,
+                        lambda importance, grad_ops: dict(importance), state.importance,
+                        grads.ops)
+
+  def relocalize(self, plan: LoSiAPlan, targets: dict[str, TargetState],
+                 importance: dict[str, ImportanceState], owner: jax.Array, due: jax.Array,
+                 step: jax.Array) -> dict[str, TargetState]:
+    """End of the round's profiling slot: every matrix gets a new block and fresh inner state."""
+    def select_all(targets, importance):
+      out = {}
+      for b in plan.buckets:
+        t, ts = b.first, targets[b.role]
+        rows, cols = jax.vmap(functools.partial(self.choose, t))(
+            importance_score(importance[b.role]))
+        fresh = jax.vmap(lambda _, b=b: self.fresh_inner(b))(jnp.arange(b.size))
+        out[b.role] = TargetState(rows, cols.reshape(ts.cols.shape), fresh,
+                                  jnp.full_like(ts.last_relocalization, step), ts.master)
+      return out
+
+    return jax.lax.cond(due & (owner == 0), select_all,
+                        lambda targets, importance: dict(targets), targets, importance)
+
+
+Schedule = AsyncSchedule | SyncSchedule
+
+
+def schedule_for(config: LoSiAConfig, inner: optax.GradientTransformation,
+                 clipping: bool) -> Schedule:
+  """The strategy of ``config.schedule``."""
+  kind = AsyncSchedule if config.schedule == "async" else SyncSchedule
+  return kind(config, inner, clipping)
+
+
+# --- helpers -------------------------------------------------------------------
+
+
+def _clipper(clip: Optional[jax.Array]) -> Callable[[jax.Array], jax.Array]:
+  """Applies the clip factor to a gradient (identity without ``clip_norm``)."""
+  if clip is None:
+    return lambda g: g
+  return lambda g: g.astype(jnp.float32) * clip
+
+
+def _fresh_window(state: LoSiAState, config: LoSiAConfig) -> jax.Array:
+  """A window starts from empty statistics: at its first step the buffer's old
+  contents (the previous window's) count as zero, inside the update itself
+  rather than by a separate reset pass."""
+  return (state.count % config.period) == 0
+
+
+def _at_layer(plan: LoSiAPlan, layer_id: int) -> list[tuple[Bucket, int, int]]:
+  """Static: ``(bucket, member index, index in member)`` of every target matrix of a layer."""
+  out = []
+  for b in plan.buckets:
+    for j, t in enumerate(b.members):
+      if layer_id in t.layer_ids:
+        out.append((b, j, t.layer_ids.index(layer_id)))
+  return out
+
+
+def _direct(bucket: Bucket) -> bool:
+  """A bucket read at the owner's position by dynamic indexing: one stacked leaf."""
+  return len(bucket.members) == 1 and bucket.first.stacked
+
+
+def _per_owner(plan: LoSiAPlan, owner: jax.Array, value_of: Callable[..., Any],
+               placeholder: Callable[[Bucket], Any], *operands) -> dict[str, Any]:
+  """``{role: value_of(bucket, member, local, *operands)}`` for the owner's matrix of each role.
+
+  Stacked leaves are read at the owner's index (``local`` traced), with no
+  conditional; the owner may hold no matrix of such a role, then the value is
+  of some other layer and callers mask it. The other buckets go through one
+  ``lax.switch`` over layer ids whose branches only apply ``value_of`` to the
+  owner's matrices (``placeholder(bucket)`` where it holds none): the
+  importance math, gathers and masks run once, outside. XLA conditionals are
+  sync points on CPU and every branch is compiled, so branches stay tiny.
+  ``owner == -1`` takes the placeholders everywhere.
+  """
+  out = {}
+  for b in plan.buckets:
+    if _direct(b):
+      out[b.role] = value_of(b, 0, owner_slot(b, plan, owner).local, *operands)
+  switched = [b for b in plan.buckets if not _direct(b)]
+  if switched:
+    def nobody(*operands):
+      return {b.role: placeholder(b) for b in switched}
+
+    def layer(layer_id, *operands):
+      values = nobody()
+      for b, member, local in _at_layer(plan, layer_id):
+        if not _direct(b):
+          values[b.role] = value_of(b, member, local, *operands)
+      return values
+
+    branches = [nobody] + [functools.partial(layer, lid) for lid in range(plan.total)]
+    out.update(jax.lax.switch(owner + 1, branches, *operands))
+  return out

@@ -1,0 +1,263 @@
+"""The first two stages of a LoSiA step: read the gradients, then update the blocks.
+
+:func:`read_gradients` gathers each target's block gradient, decides whether
+the step runs at all (every value it reads is finite) and computes the clip
+factor: a :class:`StepReads`. :func:`update_blocks` runs the inner optimizer on
+every block, adds decoupled weight decay, scales by rewarm and the learning
+rate, and steps the non-targets: a :class:`BlockUpdates`. Nothing is written
+yet; :mod:`losia_jax.paths` writes, :mod:`losia_jax.profiling` profiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from losia_common import LoSiAConfig
+from losia_jax import blocks
+from losia_jax.gradients import GradientView, gradient_view
+from losia_jax.inner import sync_schedule_counts
+from losia_jax.profiling import Schedule
+from losia_jax.schedule import rewarm_factor, slot_owner
+from losia_jax.state import LoSiAState, TargetState
+from losia_jax.steps import all_finite, clip_factor, sq_norm, tree_where
+from losia_jax.targets import DimensionNumbersArg, LoSiAPlan, make_plan
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Options:
+  """The static settings of one LoSiA transformation (validated by ``scale_by_losia``).
+
+  Attributes:
+    config: the :class:`LoSiAConfig`.
+    inner: the inner optimizer, run on compact blocks (and full non-targets).
+    learning_rate: float, array or optax schedule of the step; None: the output
+      is the descent direction.
+    weight_decay: decoupled weight decay (a number or, under
+      ``optax.inject_hyperparams``, an array).
+    has_decay: whether decay is applied at all (a Python zero skips it statically).
+    clip_norm: clip by the norm of the values the step reads, or None.
+    master_weights: fp32 copies of the trained blocks live in the state.
+    inner_params: ``inner`` reads ``params`` (the block's weights) and its
+      schedule counters follow the global step.
+    output_module, dimension_numbers, stacked_layers: where LoSiA acts (:func:`make_plan`).
+  """
+
+  config: LoSiAConfig
+  inner: optax.GradientTransformation
+  learning_rate: Optional[optax.ScalarOrSchedule]
+  weight_decay: Any
+  has_decay: bool
+  clip_norm: Optional[float]
+  master_weights: bool
+  inner_params: bool
+  output_module: str
+  dimension_numbers: DimensionNumbersArg
+  stacked_layers: bool
+
+  @property
+  def train_non_targets(self) -> bool:
+    return self.config.non_target == "train"
+
+  def plan(self, params: Any) -> LoSiAPlan:
+    return make_plan(params, self.config, output_module=self.output_module,
+                     dimension_numbers=self.dimension_numbers,
+                     stacked_layers=self.stacked_layers)
+
+  def learning_rate_at(self, count: jax.Array) -> Optional[jax.Array]:
+    if self.learning_rate is None:
+      return None
+    return self.learning_rate(count) if callable(self.learning_rate) else self.learning_rate
+
+
+class StepReads(NamedTuple):
+  """What a step reads before it changes anything.
+
+  Attributes:
+    plan: the targets (static).
+    grads: the gradients behind one interface (dense tree or LoSiA-Pro's blocks).
+    count: ``s``, the number of steps applied so far.
+    owner: the layer id whose profiling slot holds step ``s``.
+    learning_rate: ``lr(s)``, or None for the direction.
+    finite: bool scalar: every gradient value the step reads is finite. False
+      skips the step (zero updates, state unchanged but ``notfinite_count``).
+    clip: the clip factor ``min(1, clip_norm / (norm + 1e-6))``; None without ``clip_norm``.
+    grad_blocks: ``{role: fp32 [N, *block_shape]}`` each target's block gradient,
+      clipped.
+    old_blocks: ``{role: [N, *block_shape]}`` each block's weights before the step,
+      where the step needs them (decay, master weights, inner params, sync
+      profiling, the fused path); absent otherwise.
+  """
+
+  plan: LoSiAPlan
+  grads: GradientView
+  count: jax.Array
+  owner: jax.Array
+  learning_rate: Optional[jax.Array]
+  finite: jax.Array
+  clip: Optional[jax.Array]
+  grad_blocks: dict[str, jax.Array]
+  old_blocks: dict[str, jax.Array]
+
+
+class BlockUpdates(NamedTuple):
+  """What the inner optimizer made of this step, not yet written anywhere.
+
+  Attributes:
+    deltas: ``{role: fp32 [N, *block_shape]}`` the change of every block:
+      ``-lr(s) * rewarm(s) * (u + weight_decay * W)`` (without ``-lr`` for the
+      direction); zero when the step is skipped.
+    targets: ``{role: TargetState}`` with the advanced inner states (indices as
+      before: relocalization comes later).
+    masters: ``{role: fp32 [N, *block_shape]}`` the master copies after the step
+      (``master_weights``); empty otherwise.
+    non_target: ``{key: array}`` for trained non-targets: the update (optax path)
+      or the new weight (fused path).
+    non_target_state: the inner optimizer's state on the non-targets.
+  """
+
+  deltas: dict[str, jax.Array]
+  targets: dict[str, TargetState]
+  masters: dict[str, jax.Array]
+  non_target: dict[str, jax.Array]
+  non_target_state: optax.OptState
+
+
+def read_gradients(options: Options, schedule: Schedule, plan: LoSiAPlan, grads: Any,
+                   state: LoSiAState, weights: list, fused: bool) -> StepReads:
+  """Stage 1: the block gradients, whether the step is finite, and the clip factor.
+
+  ``weights`` are the params' leaves as the step receives them.
+  """
+  view = gradient_view(grads, plan, options.train_non_targets, schedule.is_async)
+  count = state.count
+  owner = slot_owner(count, options.config.period, plan.total)
+  lr = options.learning_rate_at(count)
+  # Old blocks of every matrix are needed for weight decay, and in the fused path
+  # to restore "weights before the step" for profiling after the scatter.
+  need_old_blocks = (options.has_decay or options.inner_params or options.master_weights
+                     or not schedule.is_async or fused)
+
+  grad_blocks, old_blocks = {}, {}
+  finite = jnp.array(True)
+  for b in plan.buckets:
+    ts = state.targets[b.role]
+    grad_blocks[b.role] = view.block(b, ts.rows, ts.cols).astype(jnp.float32)
+    finite = finite & jnp.all(jnp.isfinite(grad_blocks[b.role]))
+    if need_old_blocks and not (fused and schedule.is_async):
+      old_blocks[b.role] = blocks.gather_bucket(weights, b, ts.rows, ts.cols)
+  profiling_finite, profiling_sq = schedule.inspect_profiling(plan, view, owner)
+  finite = finite & profiling_finite
+  if options.train_non_targets:
+    finite = finite & all_finite(view.leaf(k, i) for k, i in plan.non_targets)
+  if fused and schedule.is_async:
+    old_blocks, finite = _old_blocks_before_the_write(plan, state, weights, finite)
+
+  clip = None
+  if options.clip_norm is not None:
+    sq = schedule.read_sq_norm(jnp.zeros([], jnp.float32), plan, view, grad_blocks, owner,
+                               profiling_sq)
+    if options.train_non_targets:
+      for k, i in plan.non_targets:
+        sq = sq + sq_norm(view.leaf(k, i))
+    clip = clip_factor(jnp.sqrt(sq), options.clip_norm)
+    grad_blocks = {r: g * clip for r, g in grad_blocks.items()}
+  return StepReads(plan, view, count, owner, lr, finite, clip, grad_blocks, old_blocks)
+
+
+def _old_blocks_before_the_write(plan: LoSiAPlan, state: LoSiAState, weights: list,
+                                 finite: jax.Array) -> tuple[dict[str, jax.Array], jax.Array]:
+  """Fused async path: the old blocks, gathered so that they are read before the write.
+
+  Profiling reads the old blocks again after the in-place scatter. Gathered in
+  a conditional that also yields ``finite``, on which every scatter depends,
+  they are read before the weights are written; gathered outside, XLA copies
+  every target weight. (Zeros when the step is skipped: unused.)
+  """
+  def read(target_leaves):
+    return {b.role: blocks.gather_bucket(target_leaves, b, state.targets[b.role].rows,
+                                         state.targets[b.role].cols)
+            for b in plan.buckets}, True
+
+  def skip(target_leaves):
+    return {b.role: jnp.zeros((b.size,) + b.first.block_shape,
+                              target_leaves[b.first.leaf_index].dtype)
+            for b in plan.buckets}, False
+
+  return jax.lax.cond(finite, read, skip, {t.leaf_index: weights[t.leaf_index]
+                                           for t in plan.targets})
+
+
+def update_blocks(options: Options, reads: StepReads, state: LoSiAState, weights: list,
+                  fused: bool) -> BlockUpdates:
+  """Stage 2: inner optimizer, decoupled decay, rewarm and learning rate on every block,
+  and the inner optimizer's step on trained non-targets."""
+  cfg, count, lr = options.config, reads.count, reads.learning_rate
+  deltas, targets, masters = {}, {}, {}
+  for b in reads.plan.buckets:
+    ts = state.targets[b.role]
+    # the block's current value: its exact copy, or the parameter
+    block = ts.master if options.master_weights else reads.old_blocks.get(b.role)
+    g = cfg.scale * reads.grad_blocks[b.role]
+    if options.inner_params:
+      u, inner = jax.vmap(options.inner.update)(g, sync_schedule_counts(ts.inner, count),
+                                                block.astype(jnp.float32))
+    else:
+      u, inner = jax.vmap(options.inner.update)(g, ts.inner)
+    if options.has_decay:
+      u = u + options.weight_decay * block.astype(jnp.float32)
+    if cfg.rewarm:
+      u = u * rewarm_factor(count, ts.last_relocalization, cfg.period)[:, None, None]
+    delta = u if lr is None else -lr * u
+    # Every scatter depends on `finite`, hence on the reads above: XLA then
+    # reads the old weights before overwriting them in place, without copies.
+    deltas[b.role] = jnp.where(reads.finite, delta, 0.0)
+    targets[b.role] = ts._replace(inner=tree_where(reads.finite, inner, ts.inner))
+    if options.master_weights:
+      masters[b.role] = ts.master + deltas[b.role]
+
+  non_target, non_target_state = {}, state.non_target
+  if options.train_non_targets and reads.plan.non_targets:
+    non_target, non_target_state = _update_non_targets(options, reads, state, weights, fused)
+  return BlockUpdates(deltas, targets, masters, non_target, non_target_state)
+
+
+def _update_non_targets(options: Options, reads: StepReads, state: LoSiAState, weights: list,
+                        fused: bool) -> tuple[dict[str, jax.Array], optax.OptState]:
+  """The inner optimizer's full update of every non-target (decay, no rewarm).
+
+  A conditional rather than selects: a select between new and old Adam moments
+  makes XLA keep (copy) the old embedding-sized moments.
+  """
+  plan, count = reads.plan, reads.count
+
+  def step(grads, weights, inner_state, lr):
+    grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+    if reads.clip is not None:
+      grads = jax.tree.map(lambda g: g * reads.clip, grads)
+    if options.inner_params:
+      u, new_state = options.inner.update(grads, sync_schedule_counts(inner_state, count),
+                                          jax.tree.map(lambda w: w.astype(jnp.float32), weights))
+    else:
+      u, new_state = options.inner.update(grads, inner_state)
+    out = {}
+    for k, w in weights.items():
+      v = u[k] + options.weight_decay * w.astype(jnp.float32) if options.has_decay else u[k]
+      v = v if lr is None else -lr * v
+      # fused path: the new weight itself, written in place; else the update
+      out[k] = (w + v.astype(w.dtype)).astype(w.dtype) if fused else v.astype(w.dtype)
+    return out, new_state
+
+  def skip(grads, weights, inner_state, lr):
+    if fused:
+      return dict(weights), inner_state
+    return {k: jnp.zeros_like(w) for k, w in weights.items()}, inner_state
+
+  grads = {k: reads.grads.leaf(k, i) for k, i in plan.non_targets}
+  non_target_weights = {k: weights[i] for k, i in plan.non_targets}
+  return jax.lax.cond(reads.finite, step, skip, grads, non_target_weights, state.non_target,
+                      reads.learning_rate)
