@@ -38,7 +38,7 @@ def select_subnet(score: jax.Array, k_out: int, k_in: int) -> tuple[jax.Array, j
 
   Example:
     >>> import jax.numpy as jnp
-    >>> from losia_jax import select_subnet
+    >>> from losia_jax.selection import select_subnet
     >>> s = jnp.array([[16, 9, 12, 4, 9, 34], [10, 30, 10, 1, 0, 28],
     ...                [7, 26, 7, 36, 4, 28], [27, 34, 11, 33, 25, 21],
     ...                [12, 25, 30, 33, 11, 21], [26, 3, 27, 16, 3, 36]], jnp.float32)

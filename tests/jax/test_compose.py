@@ -7,6 +7,7 @@ import optax
 import pytest
 
 import losia_jax
+from losia_jax.alias import LoSiAStage
 from tests.jax.helpers import indices_of, random_grads, tiny_params
 
 CFG = losia_jax.LoSiAConfig(rank_factor=0.25, period=2)  # 3 layers + output: 4 slots of 2 steps
@@ -154,7 +155,7 @@ def test_stateless_followers_stay_allowed():
 
 def test_stage_alone_or_in_optax_chain_is_refused():
   stage = losia_jax.losia(CFG)
-  assert isinstance(stage, losia_jax.LoSiAStage)
+  assert isinstance(stage, LoSiAStage)
   for tx in (stage, optax.chain(stage, optax.adamw(1e-2))):
     with pytest.raises(ValueError, match=r"losia_jax.chain\(losia_jax.losia\(config\)"):
       tx.init(tiny_params())

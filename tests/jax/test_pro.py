@@ -9,6 +9,7 @@ import optax
 import pytest
 
 import losia_jax
+from losia_jax.schedule import slot_owner
 from losia_jax import pro
 
 H, I, V, L = 16, 24, 32, 3
@@ -193,7 +194,7 @@ def test_pro_follows_the_models_compute_dtype():
   plan = tx.plan(params)
   # a decoder layer's profiling slot, so the profile gradients are compared too
   state = tx.init(params)._replace(count=jnp.asarray(2 * 2, jnp.int32))
-  owner = int(losia_jax.slot_owner(state.count, 2, plan.total))
+  owner = int(slot_owner(state.count, 2, plan.total))
   ids = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 12)))
 
   plain_loss, plain = jax.jit(jax.value_and_grad(lambda p: loss_fn(p, default_linear, ids)))(

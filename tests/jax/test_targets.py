@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import pytest
 
 import losia_jax
+from losia_jax.targets import FLAX_KERNEL
 from tests.jax.helpers import tiny_params
 
 
@@ -65,7 +66,7 @@ def test_explicit_dimension_numbers():
   # "w" is not a known weight leaf name: a regex on the module path plus dims
   cfg = losia_jax.LoSiAConfig(target_modules=["q_proj"])
   plan = losia_jax.make_plan({"layers": [{"q_proj": {"weight": jnp.ones((4, 8))}}]}, cfg,
-                             dimension_numbers=losia_jax.FLAX_KERNEL)
+                             dimension_numbers=FLAX_KERNEL)
   t = plan.targets[0]
   assert t.transposed and (t.d_out, t.d_in) == (8, 4)
   del p

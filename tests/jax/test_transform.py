@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 import losia_jax
+from losia_jax.importance import ImportanceState, update_importance
 from tests.jax.helpers import random_grads, tiny_params
 
 LR = 0.01
@@ -65,8 +66,8 @@ def test_hand_checked_trajectory_through_two_relocalizations():
   # step 2: layer 0 on its new block with rewarm 0 -> no change; layer 1 profiles,
   # its window starting from empty statistics (not from layer 0's leftovers)
   w1 = params["layers"][1]["q_proj"]["weight"]
-  fresh = losia_jax.update_importance(
-      losia_jax.ImportanceState(jnp.zeros((4, 4)), jnp.zeros((4, 4))), w1, b, cfg.importance,
+  fresh = update_importance(
+      ImportanceState(jnp.zeros((4, 4)), jnp.zeros((4, 4))), w1, b, cfg.importance,
       cfg.importance_beta1, cfg.importance_beta2)
   st, d = run(a, b)
   np.testing.assert_allclose(st.importance["q_proj"].ibar, fresh.ibar, rtol=1e-6)
