@@ -10,6 +10,7 @@ shipped with Python (``benchmarks/quality_eval.py``), and writes
     python benchmarks/quality.py --quick          # <= 45 min on a 2-core CPU
     python benchmarks/quality.py                  # the full default (hours; resumable)
     python benchmarks/quality.py --dry-run        # what would run, and what is done
+    python benchmarks/quality.py --merge other.json   # add a sitting run elsewhere (a GPU)
 
 Stages: (1) a learning-rate **sweep** per method (>= 3 values) at seed 0;
 the best rate is chosen on the *validation* split only; (2) the chosen setting
@@ -388,6 +389,7 @@ class Harness:
     shutil.rmtree(os.path.join(out, "checkpoints"), ignore_errors=True)
     with self.lock:
       self.state["runs"][run.key] = res
+      self.state.get("failed", {}).pop(run.key, None)  # an earlier try of it failed
     self.save()
     return res
 
@@ -416,6 +418,36 @@ class Harness:
       b = [r for r in second if r.init == key]
       if all(self.done(r) for r in b):
         shutil.rmtree(os.path.join(self.o.runs_dir, key, "model"), ignore_errors=True)
+
+  def merge(self, path: str) -> int:
+    """Adds what another results file has and this one lacks; returns the new run count.
+
+    Runs are keyed by their full setting (``Run.key``), so the same key is the
+    same run and the copy already here is kept; sittings are appended once each.
+    """
+    try:
+      with open(path, encoding="utf-8") as f:
+        other = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+      raise SystemExit(f"quality.py: error: --merge {path}: {e}") from None
+    new = 0
+    with self.lock:
+      for key, res in other.get("runs", {}).items():
+        if key not in self.state["runs"]:
+          self.state["runs"][key] = res
+          new += 1
+          self.state.get("failed", {}).pop(key, None)
+      for section in ("base", "probes"):
+        for key, val in other.get(section, {}).items():
+          self.state.setdefault(section, {}).setdefault(key, val)
+      for key, err in other.get("failed", {}).items():
+        if key not in self.state["runs"]:
+          self.state.setdefault("failed", {}).setdefault(key, err)
+      for sitting in other.get("sittings", []):
+        if sitting not in self.state["sittings"]:
+          self.state["sittings"].append(sitting)
+    self.save()
+    return new
 
   def import_probes(self, directory: str) -> None:
     """Records the ``losia-finetune`` runs under ``directory`` as loss-only probes.
@@ -508,6 +540,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
   p.add_argument("--report-only", action="store_true", help="rewrite the report from the JSON")
   p.add_argument("--import-probes", metavar="DIR", help="record the finished losia-finetune "
                  "runs under DIR as loss-only probes, rewrite the report, and stop")
+  p.add_argument("--merge", metavar="JSON", action="append", default=[],
+                 help="add the runs of another results file (a sitting on another machine, "
+                 "or one run side by side with --json elsewhere) to --json, rewrite the "
+                 "report, and stop; repeatable")
   o = p.parse_args(argv)
   preset = PRESETS["quick" if o.quick else "full"]
   o.preset = "quick" if o.quick else "full"
@@ -537,7 +573,9 @@ def main(argv: Optional[list[str]] = None) -> int:
   h = Harness(o)
   if o.import_probes:
     h.import_probes(o.import_probes)
-  if o.report_only or o.import_probes:
+  for path in o.merge:
+    print(f"merged {path}: {h.merge(path)} new runs", flush=True)
+  if o.report_only or o.import_probes or o.merge:
     h.report()
     return 0
   if o.dry_run:

@@ -102,3 +102,31 @@ def test_galore_runs_on_jax_with_everything_else_shared(tmp_path):
   assert res["command"].startswith("losia-finetune --backend jax --method galore")
   assert len(res["losses"]) == 2 and 0.0 <= res["val"] <= 1.0
   assert "galore-r16" in (tmp_path / "QUALITY.md").read_text()
+
+
+def test_merge_adds_another_sittings_runs_once(tmp_path):
+  """--merge: runs another results file has and this one lacks are added (a run already
+  here is kept), its failure entries do not shadow a success, and merging twice adds nothing."""
+  quality = _load_harness()
+  sit = lambda d: {"date": d, "command": "python benchmarks/quality.py", "machine": "m",
+                   "device": "cpu", "commit": "c", "library_path": ".", "versions": {}}
+  here = {"format": 1, "sittings": [sit("a")], "base": {"arithmetic": {"val": 0.0}},
+          "runs": {"k1": {"val": 0.1}}, "failed": {"k2": "exit 1"}}
+  other = {"format": 1, "sittings": [sit("a"), sit("b")], "base": {"cities": {"val": 0.2}},
+           "runs": {"k1": {"val": 0.9}, "k2": {"val": 0.3}}, "failed": {"k3": "exit 2"}}
+  main_json, other_json = tmp_path / "q.json", tmp_path / "other.json"
+  main_json.write_text(json.dumps(here))
+  other_json.write_text(json.dumps(other))
+  opts = ["--json", str(main_json), "--report", str(tmp_path / "QUALITY.md"),
+          "--runs-dir", str(tmp_path / "runs")]
+  h = quality.Harness(quality.parse(opts))
+  assert h.merge(str(other_json)) == 1
+  got = json.loads(main_json.read_text())
+  assert got["runs"] == {"k1": {"val": 0.1}, "k2": {"val": 0.3}}
+  assert got["failed"] == {"k3": "exit 2"}
+  assert got["sittings"] == [sit("a"), sit("b")]
+  assert set(got["base"]) == {"arithmetic", "cities"}
+  assert quality.Harness(quality.parse(opts)).merge(str(other_json)) == 0
+  assert json.loads(main_json.read_text()) == got
+  with pytest.raises(SystemExit, match="--merge"):
+    h.merge(str(tmp_path / "missing.json"))
