@@ -280,7 +280,9 @@ class LoSiAFunctions:
     else:
       output = write_updates(reads, state.targets, updates, params, grads,
                              options.master_weights)
-    # 4. importance of the profiling layer(s), from the weights before the step
+    # 4. importance of the profiling layer(s), from the weights before the step. It
+    #    comes after the write: the fused path reads those weights back from the
+    #    written params (old blocks put back), which spares XLA a copy of every weight.
     importance = schedule.profile(plan, state, reads.grads, reads.owner, reads.finite,
                                   reads.clip, output)
     # 5. relocalization at the end of a profiling window
