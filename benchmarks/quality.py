@@ -13,7 +13,8 @@ shipped with Python (``benchmarks/quality_eval.py``), and writes
     python benchmarks/quality.py --merge other.json   # add a sitting run elsewhere (a GPU)
 
 Stages: (1) a learning-rate **sweep** per method (>= 3 values) at seed 0;
-the best rate is chosen on the *validation* split only; (2) the chosen setting
+the best rate is chosen on the *validation* split only (a grid whose
+lowest or highest rate wins grows by the next 1-2-5 rate on that side); (2) the chosen setting
 re-run with more **seeds** (test accuracy reported as mean ± spread);
 (3) LoSiA **ablations** at LoSiA's chosen rate (schedule, rewarm, p, T, and
 the non-target and output-layer policies); (4) **continual** learning: task A
@@ -32,6 +33,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import math
 import os
 import platform
 import shlex
@@ -55,6 +57,8 @@ FINDINGS_PATH = os.path.join(HERE, "quality_findings.md")
 SINGLE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                  "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"}
 
+# Grids are ascending; a grid whose edge wins on validation grows (Harness.grid).
+MAX_EXTENSIONS = 2
 LORA_LRS = (5e-4, 1e-3, 2e-3)
 LOSIA_LRS = (2e-4, 5e-4, 1e-3)
 # label -> (CLI method, extra flags, learning-rate grid). LoRA's alpha is 2r throughout
@@ -234,6 +238,33 @@ class Harness:
   def lrs_of(self, label: str) -> tuple[float, ...]:
     return tuple(self.o.lrs) if self.o.lrs else METHODS[label][2]
 
+  def grid(self, task: str, label: str) -> tuple[float, ...]:
+    """The rates swept for ``label`` on ``task``: its grid, grown past an edge that wins.
+
+    A best rate at the edge of the grid is not a selection, so once every rate
+    is done and the best on validation is the lowest or the highest, the grid
+    gains the next rate of the 1-2-5 series on that side, up to
+    ``MAX_EXTENSIONS`` times. ``--lrs`` fixes the grid as given.
+    """
+    lrs = list(self.lrs_of(label))
+    if self.o.lrs or len(lrs) < 2:
+      return tuple(lrs)
+    for _ in range(MAX_EXTENSIONS):
+      got = [self.done(self._sweep_run(task, label, lr)) for lr in lrs]
+      if any(g is None for g in got):
+        break
+      best = min(range(len(lrs)), key=lambda i: _selection_key(got[i]))
+      if best == len(lrs) - 1:
+        lrs.append(_next_rate(lrs[-1], up=True))
+      elif best == 0:
+        lrs.insert(0, _next_rate(lrs[0], up=False))
+      else:
+        break
+    return tuple(lrs)
+
+  def _sweep_run(self, task: str, label: str, lr: float) -> Run:
+    return Run("sweep", task, label, lr, self.o.seeds[0], self.o.steps, self.extra_of(label))
+
   def sweep(self) -> list[Run]:
     runs = []
     for task in self.o.tasks:
@@ -241,13 +272,13 @@ class Harness:
       # sitting has every method once before it has any method three times
       labels = [m for m in self.o.methods if m != "losia-pro" or self.o.pro_sweep
                 or "losia" not in self.o.methods]  # Pro: LoSiA's trajectory (LOSIA_SPEC §8)
-      for pos in range(max((len(self.lrs_of(m)) for m in labels), default=0)):
+      grids = {label: self.grid(task, label) for label in labels}
+      for pos in range(max((len(g) for g in grids.values()), default=0)):
         for label in labels:
-          lrs = self.lrs_of(label)
+          lrs = grids[label]
           order = [1, 0] + list(range(2, len(lrs))) if len(lrs) >= 2 else [0]
           if pos < len(order):
-            runs.append(Run("sweep", task, label, lrs[order[pos]], self.o.seeds[0],
-                            self.o.steps, self.extra_of(label)))
+            runs.append(self._sweep_run(task, label, lrs[order[pos]]))
     return runs
 
   def best_lr(self, task: str, label: str) -> Optional[float]:
@@ -258,7 +289,7 @@ class Harness:
     got = [(self.done(r), r) for r in cands]
     if not got or any(g is None for g, _ in got):
       return None
-    return min(got, key=lambda x: (-(x[0]["val"] or 0.0), x[0]["loss_tail"]))[1].lr
+    return min(got, key=lambda x: _selection_key(x[0]))[1].lr
 
   def later(self) -> list[Run]:
     """Seeds, ablations and continual runs: planned once the sweeps they depend on are done."""
@@ -500,6 +531,21 @@ class Harness:
     print(f"wrote {self.o.report}", flush=True)
 
 
+def _selection_key(res: dict[str, Any]) -> tuple[float, float]:
+  """Order of swept runs: best validation accuracy first, then lower tail training loss."""
+  return (-(res["val"] or 0.0), res["loss_tail"])
+
+
+def _next_rate(lr: float, up: bool) -> float:
+  """The neighbour of ``lr`` on the 1-2-5 series (5e-4 -> 1e-3 up, -> 2e-4 down): one
+  significant digit, so run keys (``lr`` written as ``%.0e``) never collide."""
+  exp = math.floor(math.log10(lr) + 1e-9)
+  series = (1, 2, 5)
+  i = min(range(3), key=lambda k: abs(series[k] - lr / 10 ** exp)) + (1 if up else -1)
+  exp, i = exp + i // 3, i % 3
+  return float(f"{series[i]}e{exp}")
+
+
 def _pct(x) -> str:
   return "n/a" if x is None else f"{100 * x:.1f}%"
 
@@ -594,7 +640,11 @@ def main(argv: Optional[list[str]] = None) -> int:
   h.record_sitting(argv)
   for task in o.tasks:
     h.base(task)
-  h.run_all(h.sweep())
+  for _ in range(1 + MAX_EXTENSIONS):  # a grid grows once its rates are done (Harness.grid)
+    todo = [r for r in h.sweep() if not h.done(r)]
+    if not todo:
+      break
+    h.run_all(todo)
   h.report()
   h.run_all(h.later())
   h.report()

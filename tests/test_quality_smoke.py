@@ -130,3 +130,31 @@ def test_merge_adds_another_sittings_runs_once(tmp_path):
   assert json.loads(main_json.read_text()) == got
   with pytest.raises(SystemExit, match="--merge"):
     h.merge(str(tmp_path / "missing.json"))
+
+
+def test_a_grid_grows_past_an_edge_that_wins(tmp_path):
+  """The best rate at the top (bottom) of a grid is not a selection: the sweep gains the
+  next 1-2-5 rate on that side, and the choice waits for it; --lrs fixes the grid."""
+  quality = _load_harness()
+  opts = ["--quick", "--methods", "lora-r8", "--json", str(tmp_path / "q.json"),
+          "--report", str(tmp_path / "QUALITY.md"), "--runs-dir", str(tmp_path / "runs")]
+  h = quality.Harness(quality.parse(opts))
+  grid = quality.METHODS["lora-r8"][2]
+  assert [r.lr for r in h.sweep()] == [grid[1], grid[0], grid[2]]
+
+  def record(lr, val, loss=1.0):
+    h.state["runs"][h._sweep_run("arithmetic", "lora-r8", lr).key] = {"val": val,
+                                                                       "loss_tail": loss}
+  for lr, val in zip(grid, (0.1, 0.2, 0.3)):  # the highest rate wins
+    record(lr, val)
+  up = quality._next_rate(grid[-1], up=True)
+  assert up == 5e-3 and sorted(r.lr for r in h.sweep()) == [*grid, up]
+  assert h.best_lr("arithmetic", "lora-r8") is None  # waits for the new rate
+  record(up, 0.25)
+  assert h.best_lr("arithmetic", "lora-r8") == grid[-1]
+  assert len(h.sweep()) == 4
+  fixed = quality.Harness(quality.parse(opts + ["--lrs", ",".join(map(str, grid))]))
+  fixed.state = h.state
+  assert sorted(r.lr for r in fixed.sweep()) == list(grid)
+  # the bottom edge, on the 1-2-5 series, never colliding with a run key
+  assert quality._next_rate(5e-4, up=False) == 2e-4 and quality._next_rate(1e-4, up=False) == 5e-5
