@@ -306,13 +306,7 @@ def _update_targets(opt, work: list, s: int) -> None:
     for (group, t, st, _, _, rl), u in zip(items, us):
       w = local(t.param)
       wblk = _block(w, t, rl, st["cols"])
-      wd = group["weight_decay"]
-      if wd:
-        u.add_(wblk.to(torch.float32) * wd)
-      if cfg.rewarm:
-        u.mul_(_sched.rewarm_factor(s, st["last_relocalization"], cfg.period))
-      u.mul_(-float(group["lr"]))
-      _scatter(w, t, rl, st["cols"], wblk + u.to(w.dtype))
+      _scatter(w, t, rl, st["cols"], _update.block_after(wblk, u, group, st, cfg, s))
 
 
 def _update_non_targets(opt, nt_work: list, s: int) -> None:

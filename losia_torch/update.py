@@ -46,13 +46,21 @@ def update_targets(items: list, s: int, cfg) -> None:
     for (group, t, st, _, _), u in zip(group_items, us):
       w = t.param
       wblk = gather(w, t, st)
-      wd = group["weight_decay"]
-      if wd:
-        u.add_(wblk.to(torch.float32) * wd)
-      if cfg.rewarm:
-        u.mul_(_sched.rewarm_factor(s, st["last_relocalization"], cfg.period))
-      u.mul_(-float(group["lr"]))
-      scatter(w, t, st, wblk + u.to(w.dtype))
+      scatter(w, t, st, block_after(wblk, u, group, st, cfg, s))
+
+
+def block_after(wblk: torch.Tensor, u: torch.Tensor, group: dict, st: dict, cfg, s: int
+                ) -> torch.Tensor:
+  """The block after step ``s`` (LOSIA_SPEC section 6, 4-5): ``u`` (the inner Adam
+  direction, fp32, consumed) gains the decoupled decay of the block, then the rewarm
+  factor and ``-lr`` scale it. Shared with the FSDP2 path, which passes local rows."""
+  wd = group["weight_decay"]
+  if wd:
+    u.add_(wblk.to(torch.float32) * wd)
+  if cfg.rewarm:
+    u.mul_(_sched.rewarm_factor(s, st["last_relocalization"], cfg.period))
+  u.mul_(-float(group["lr"]))
+  return wblk + u.to(wblk.dtype)
 
 
 def update_non_targets(items: list, s: int, state) -> None:
