@@ -200,17 +200,26 @@ def write(state: dict[str, Any], path: str, opts: dict[str, Any], methods, ablat
   abl = _runs(state, phase="ablation")
   if abl:
     task0 = abl[0]["run"]["task"]
-    ref = best_sweep(state, task0, "losia")
-    add(f"## LoSiA ablations (`{task0}`, seed 0, LoSiA's chosen rate)\n")
-    add("| variant | flags | T | val | test | train loss, last quarter | capitals | ppl |")
-    add("|---|---|---|---|---|---|---|---|")
-    rows = ([("paper default (CLI)", ref)] if ref else []) + [
-        (r["run"]["ablation"], r) for r in sorted(abl, key=lambda r: r["run"]["ablation"])]
+    chosen = best_sweep(state, task0, "losia")
+    add(f"## LoSiA ablations (`{task0}`, seed 0)\n")
+    add("Each variant changes one setting of LoSiA at the learning rate in its row (LoSiA's "
+        "chosen rate"
+        + (f", {chosen['run']['lr']:g}," if chosen else "") + " unless a sitting asked for "
+        "another); the reference row at each rate is the sweep's run of the paper's defaults.\n")
+    add("| variant | flags | lr | T | val | test | train loss, last quarter | capitals | ppl |")
+    add("|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    for lr in sorted({r["run"]["lr"] for r in abl}):
+      ref = _runs(state, phase="sweep", task=task0, label="losia", lr=lr)
+      rows += [("paper default (CLI)", r) for r in ref[:1]] + [
+          (r["run"]["ablation"], r) for r in sorted(abl, key=lambda r: r["run"]["ablation"])
+          if r["run"]["lr"] == lr]
     for name, r in rows:
       flags = " ".join(r["run"]["extra"]) or "—"
       period = (r.get("losia") or {}).get("period", "—")
-      add(f"| {name} | `{flags}` | {period} | {_pct(r['val'])} | {_pct(r['test'])} | "
-          f"{r['loss_tail']:.3f} | {_pct(r['capitals'])} | {_num(r['ppl'], '.2f')} |")
+      add(f"| {name} | `{flags}` | {r['run']['lr']:g} | {period} | {_pct(r['val'])} | "
+          f"{_pct(r['test'])} | {r['loss_tail']:.3f} | {_pct(r['capitals'])} | "
+          f"{_num(r['ppl'], '.2f')} |")
     add("")
   cont = _runs(state, phase="continual")
   if cont:
