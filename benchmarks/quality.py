@@ -74,6 +74,11 @@ METHODS: dict[str, tuple[str, tuple[str, ...], tuple[float, ...]]] = {
                  (2e-4, 5e-4, 1e-3)),
     "losia": ("losia", (), LOSIA_LRS),
     "losia-pro": ("losia-pro", (), LOSIA_LRS),
+    # LoSiA with a 4x larger block (p = 1/4, a sixteenth of each matrix instead of a
+    # sixty-fourth) and its own rate sweep: on 576-wide layers p = 1/8 is a 72 x 72 block,
+    # and the quick preset's p ablation found block size and rate interact (p = 1/4 collapsed
+    # at p = 1/8's rate and was LoSiA's best run at half of it), so it is swept, not ablated.
+    "losia-p0.25": ("losia", ("--rank-factor", "0.25"), LOSIA_LRS),
     # GaLore (the paper's baseline) with LLaMA-Factory's defaults: rank 16, SVD refresh every
     # 200 steps (so once, at step 0, in a 100-step run), scale 2.0, std side. The grid
     # brackets LLaMA-Factory's documented GaLore fine-tuning rate at scale 2.0, 1e-4 (the
@@ -200,7 +205,41 @@ class Harness:
     self.save()
 
   def done(self, run: Run) -> Optional[dict[str, Any]]:
-    return self.state["runs"].get(run.key)
+    """The result of ``run``, or of an earlier run that trained and scored the same way.
+
+    A sweep row may repeat an ablation row exactly (``losia-p0.25`` at 5e-4 is the
+    ``p=1/4`` ablation at 5e-4): same CLI method, flags, rate, seed, steps and start, and
+    evaluated on the same split sizes. That result is recorded under this run's key too
+    (``same_as`` names the original), not trained again.
+    """
+    got = self.state["runs"].get(run.key)
+    if got is not None:
+      return got
+    want = self._signature(run.task, run.method, run.backend(self.o.backend), run.lr, run.seed,
+                           run.steps, run.extra, run.init, run.other_task)
+    for res in self.state["runs"].values():
+      r = res.get("run") or {}
+      if r.get("label") not in METHODS or res.get("val") is None:
+        continue
+      ev = res.get("eval") or {}
+      if (ev.get("val", {}).get("n"), ev.get("test", {}).get("n")) != (self.o.n_val,
+                                                                       self.o.n_test):
+        continue
+      label = r["label"]
+      have = self._signature(r["task"], METHODS[label][0],
+                             METHOD_BACKENDS.get(label, self.o.backend), r["lr"], r["seed"],
+                             r["steps"], r["extra"], r["init"], r["other_task"])
+      if have == want and f"--backend {run.backend(self.o.backend)} " in res.get("command", ""):
+        key = next(k for k, v in self.state["runs"].items() if v is res)
+        copy = dict(res, run=dataclasses.asdict(run), same_as=res.get("same_as", key))
+        with self.lock:
+          self.state["runs"][run.key] = copy
+        return copy
+    return None
+
+  @staticmethod
+  def _signature(*fields) -> str:
+    return json.dumps([list(f) if isinstance(f, (list, tuple)) else f for f in fields])
 
   # --- the plan ------------------------------------------------------------------------------
 

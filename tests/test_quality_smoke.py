@@ -8,6 +8,7 @@ random 2-layer model learn nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -158,3 +159,28 @@ def test_a_grid_grows_past_an_edge_that_wins(tmp_path):
   assert sorted(r.lr for r in fixed.sweep()) == list(grid)
   # the bottom edge, on the 1-2-5 series, never colliding with a run key
   assert quality._next_rate(5e-4, up=False) == 2e-4 and quality._next_rate(1e-4, up=False) == 5e-5
+
+
+def test_a_sweep_row_identical_to_an_ablation_row_is_not_trained_again(tmp_path):
+  """losia-p0.25 at a rate the p=1/4 ablation already ran is the same training and the same
+  evaluation: the result is recorded under the sweep's key (same_as names the original);
+  another seed, another split size or another method's flags are not the same run."""
+  quality = _load_harness()
+  opts = ["--quick", "--methods", "losia,losia-p0.25", "--json", str(tmp_path / "q.json"),
+          "--report", str(tmp_path / "QUALITY.md"), "--runs-dir", str(tmp_path / "runs")]
+  h = quality.Harness(quality.parse(opts))
+  abl = quality.Run("ablation", "arithmetic", "losia", 5e-4, 0, 80, quality.ABLATIONS["p=1/4"],
+                    ablation="p=1/4")
+  ev = {"val": {"n": h.o.n_val}, "test": {"n": h.o.n_test}}
+  h.state["runs"][abl.key] = {"run": dataclasses.asdict(abl), "val": 0.125, "eval": ev,
+                              "command": "losia-finetune --backend torch --method losia ..."}
+  sweep = h._sweep_run("arithmetic", "losia-p0.25", 5e-4)
+  assert sweep.key != abl.key
+  got = h.done(sweep)
+  assert got["val"] == 0.125 and got["same_as"] == abl.key and got["run"]["phase"] == "sweep"
+  assert h.state["runs"][sweep.key] is got
+  assert h.done(h._sweep_run("arithmetic", "losia", 5e-4)) is None  # p = 1/8: other flags
+  assert h.done(dataclasses.replace(sweep, seed=1)) is None
+  small = quality.Harness(quality.parse(opts + ["--n-val", "8"]))
+  small.state["runs"] = {abl.key: h.state["runs"][abl.key]}
+  assert small.done(sweep) is None  # evaluated on another split size
