@@ -119,10 +119,70 @@ def _pictures(state, docs: str, tasks: list[str], labels: list[str]) -> list[str
   return files
 
 
+def _other_lengths(add, runs: list[dict[str, Any]], steps: int) -> None:
+  """Longer (or shorter) runs, each at one rate chosen by this report's sweep."""
+  add("## Other run lengths (one rate each, chosen at the report's length)\n")
+  add(f"Each row trains for the steps shown at the rate its method's sweep chose for {steps} "
+      "steps (not re-selected at this length, so a row says how a method continues, not its "
+      "best setting there). The cosine schedule spans the run's own length.\n")
+  add("| task | method | steps | lr | seed | T | val | test | train loss, last quarter | "
+      "capitals | ppl |")
+  add("|---|---|---|---|---|---|---|---|---|---|---|")
+  for r in sorted(runs, key=lambda r: (r["run"]["task"], r["run"]["steps"], r["run"]["label"],
+                                       r["run"]["seed"])):
+    run = r["run"]
+    period = (r.get("losia") or {}).get("period", "—")
+    add(f"| {run['task']} | {run['label']} | {run['steps']} | {run['lr']:g} | {run['seed']} | "
+        f"{period} | {_pct(r['val'])} | {_pct(r['test'])} | {r['loss_tail']:.3f} | "
+        f"{_pct(r['capitals'])} | {_num(r['ppl'], '.2f')} |")
+  add("")
+  n = max(r["run"]["steps"] for r in runs)
+  edges = [(a, min(a + n // 8 - 1, n)) for a in range(1, n + 1, max(1, n // 8))]
+  add("Mean training loss over windows of steps:\n")
+  add("| method | steps | " + " | ".join(f"{a}–{b}" for a, b in edges) + " |")
+  add("|---|---|" + "---|" * len(edges))
+  for r in sorted(runs, key=lambda r: (r["run"]["steps"], r["run"]["label"])):
+    cells = []
+    for a, b in edges:
+      xs = r["losses"][a - 1:b]
+      cells.append(f"{sum(xs) / len(xs):.3f}" if len(xs) == b - a + 1 else "—")
+    add(f"| {r['run']['label']} | {r['run']['steps']} | " + " | ".join(cells) + " |")
+  add("")
+
+
+def _loss_picture(runs: list[dict[str, Any]], docs: str) -> bool:
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    return False
+  fig, ax = plt.subplots(figsize=(6.5, 3.8))
+  for r in sorted(runs, key=lambda r: r["run"]["label"]):
+    xs = r["losses"]
+    w = max(1, len(xs) // 20)
+    smooth = [sum(xs[max(0, i - w + 1):i + 1]) / len(xs[max(0, i - w + 1):i + 1])
+              for i in range(len(xs))]
+    ax.plot(range(1, len(xs) + 1), smooth,
+            label=f"{r['run']['label']} lr {r['run']['lr']:g} ({r['run']['steps']} steps)")
+  ax.set_xlabel("step")
+  ax.set_ylabel("training loss (running mean over 1/20 of the run)")
+  ax.set_title("longer runs: training loss")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(os.path.join(docs, "quality_long.png"), dpi=110)
+  plt.close(fig)
+  return True
+
+
 def write(state: dict[str, Any], path: str, opts: dict[str, Any], methods, ablations,
           notes: str = "") -> None:
   docs = os.path.dirname(os.path.abspath(path))
   os.makedirs(docs, exist_ok=True)
+  # Runs of another length (a longer run at a rate chosen here) are not part of this
+  # report's sweeps and seeds: their schedule differs. They get their own section.
+  other_len = {k: r for k, r in state["runs"].items() if r["run"]["steps"] != opts["steps"]}
+  state = dict(state, runs={k: r for k, r in state["runs"].items() if k not in other_len})
   tasks = list(opts["tasks"])
   labels = list(opts["methods"])
   L: list[str] = []
@@ -254,7 +314,11 @@ def write(state: dict[str, Any], path: str, opts: dict[str, Any], methods, ablat
       done = f"{p['steps']}" + ("" if p.get("finished", True) else " (partial)")
       add(f"| {name} | `{p['flags']}` | {done} | " + " | ".join(cells) + " |")
     add("")
+  if other_len:
+    _other_lengths(add, list(other_len.values()), opts["steps"])
   pics = _pictures(state, docs, tasks, labels) if state["runs"] else []
+  if other_len and _loss_picture(list(other_len.values()), docs):
+    pics.append("quality_long.png")
   if pics:
     add("## Pictures\n")
     for f in pics:

@@ -184,3 +184,29 @@ def test_a_sweep_row_identical_to_an_ablation_row_is_not_trained_again(tmp_path)
   small = quality.Harness(quality.parse(opts + ["--n-val", "8"]))
   small.state["runs"] = {abl.key: h.state["runs"][abl.key]}
   assert small.done(sweep) is None  # evaluated on another split size
+
+
+def test_runs_of_another_length_get_their_own_section(tmp_path):
+  """A longer run at a chosen rate is not a sweep or seed row of the report's length (its
+  schedule differs): the tables at the report's length ignore it; its own section shows it."""
+  quality = _load_harness()
+  opts = ["--quick", "--methods", "losia", "--json", str(tmp_path / "q.json"),
+          "--report", str(tmp_path / "QUALITY.md"), "--runs-dir", str(tmp_path / "runs")]
+  h = quality.Harness(quality.parse(opts))
+
+  def record(steps, lr, val, loss):
+    run = quality.Run("sweep", "arithmetic", "losia", lr, 0, steps)
+    h.state["runs"][run.key] = {
+        "run": dataclasses.asdict(run), "val": val, "test": val, "loss_tail": loss,
+        "losses": [loss] * steps, "capitals": 0.5, "ppl": 30.0, "trainable_params": 10,
+        "s_per_step": 1.0, "losia": {"period": 1}}
+  for lr, val in zip(quality.METHODS["losia"][2], (0.1, 0.3, 0.2)):
+    record(80, lr, val, 1.0)
+  record(240, 1e-3, 0.9, 0.5)  # better, but another length: must not be chosen
+  h.report()
+  text = (tmp_path / "QUALITY.md").read_text()
+  sweep_row = next(line for line in text.splitlines() if line.startswith("| losia | 0.0002:"))
+  assert "**0.0005: 30.0%" in sweep_row and "90.0%" not in sweep_row
+  assert "## Other run lengths" in text
+  assert "| arithmetic | losia | 240 | 0.001 | 0 | 1 | 90.0% |" in text
+  assert "quality_long.png" in text and (tmp_path / "quality_long.png").exists()
