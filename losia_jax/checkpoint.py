@@ -13,6 +13,11 @@ it was saved, and fails with "Topology mismatch detected" when those devices
 are gone. :func:`restore` therefore builds the target of the optimizer state
 too, from the parameter shardings (:func:`losia_jax.state_shardings`) or from
 the checkpoint's own partition specs laid over a new mesh.
+
+Across processes (``jax.distributed``), every process calls :func:`save` and
+:func:`restore` with the same global arrays or targets; Orbax has each one write
+and read the shards of its own devices in one shared directory. Such a checkpoint
+restores in a single process too (``tests/jax/test_multiprocess.py``).
 """
 
 from __future__ import annotations
