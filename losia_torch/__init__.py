@@ -24,7 +24,8 @@ state and the block of a tensor; ``gradients``: which gradient values a step rea
 the non-finite check, clipping; ``step``: a step's collect / apply / finish;
 ``update``: the Adam updates; ``relocalization``: importance and new blocks;
 ``checkpoint``: state dicts, following the parameters' device; ``pro``: LoSiA-Pro's
-autograd function and layer classes; ``layerwise``: updates inside backward;
+autograd function and layer classes; ``pro_reduce``: Pro's compact gradients averaged
+across ranks (FSDP2, DDP); ``layerwise``: updates inside backward;
 ``fsdp``: the FSDP2 form of the step and of checkpoints; ``attach``:
 ``get_losia_optimizer``; ``trainer``: ``LoSiATrainer``; ``adam``, ``importance``,
 ``schedule``, ``selection``: the pure pieces. Imports go one way: no module imports

@@ -21,11 +21,15 @@ optimizer then works on local shards only:
   same ones by construction.
 - Global decisions are made together: the non-finite check is an all-reduce of
   one flag, the clip norm an all-reduce of one number.
+- LoSiA-Pro: a non-profiling Pro target's block gradient is its compact delta's
+  ``.grad``, already averaged and the same on every rank (``pro_reduce.py``); each
+  rank reads the rows ``[a, b)`` of it it holds. The clip norm counts those
+  replicated gradients once (on the mesh's first rank), the sharded ones on every rank.
 
 Limits (refused with errors that say so): 1-D meshes with ``Shard(0)`` only
 (no HSDP, no tensor parallelism), ``nn.Linear``/``nn.Embedding`` layouts only
 (a transformers ``Conv1D`` stores ``[d_in, d_out]`` and would be sharded over
-its input neurons), no LoSiA-Pro (see :data:`PRO_MESSAGE`), no per-layer stepping.
+its input neurons), no per-layer stepping.
 """
 
 from __future__ import annotations
@@ -43,18 +47,13 @@ from losia_torch import schedule as _sched
 from losia_torch import update as _update
 from losia_torch.adam import adam_directions, adam_update_large
 from losia_torch.blocks import initial_target_state as _initial_target_state
-from losia_torch.checkpoint import check_compatible
-from losia_torch.gradients import NONFINITE_MESSAGE, all_finite
+from losia_torch.checkpoint import check_compatible, groups_without_deltas
+from losia_torch.gradients import NONFINITE_MESSAGE, all_finite, own_params
 from losia_torch.importance import ImportanceSlot
+from losia_torch.pro import add_delta
 from losia_torch.selection import top_k_indices
 
 logger = logging.getLogger("losia_torch")
-
-PRO_MESSAGE = (
-    "LoSiA-Pro does not support FSDP2 (fully_shard): Pro's compact block gradient is a plain "
-    "per-rank [k_out, k_in] leaf outside FSDP's reduce-scatter, so it would hold each rank's "
-    "own un-averaged gradient, and its forward keeps x[..., cols] against a weight FSDP frees "
-    "after the forward. Use the ordinary LoSiA path under FSDP2 (tested; the same trajectory).")
 
 
 def _dtensor_cls():
@@ -192,36 +191,66 @@ def initial_target_state(opt, t) -> dict:
 
 # --- gradients and clipping ---------------------------------------------------------
 
-def read_grads(opt) -> list[torch.Tensor]:
-  """The local pieces of the gradient values the next step reads (see
-  ``gradients.read_grads``)."""
-  fs, out = opt.fsdp_state, []
+def target_grads(opt, t, st: dict, prof: bool) -> Optional[tuple]:
+  """What the step reads of target ``t``'s gradient on this rank, or None if it has none:
+  ``(local block rows [b - a, k_in], the full local shard when profiling, the whole
+  compact block gradient under LoSiA-Pro)``. A Pro block's gradient is replicated (every
+  rank holds the average, ``pro_reduce.py``); a weight's gradient is this rank's shard."""
+  fs = opt.fsdp_state
+  block = opt.pro_blocks.get(id(t.param))
+  if block is not None and not prof:
+    g = block.delta.grad
+    if g is None:
+      return None
+    a, b = fs.span(t, st)
+    return g[a:b], None, g
+  if t.param.grad is None:
+    return None
+  g = local(t.param.grad)
+  return _block(g, t, fs.local_rows(t, st), st["cols"]), g if prof else None, None
+
+
+def read_grads(opt) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+  """The gradient values the next step reads (see ``gradients.read_grads``), as
+  ``(this rank's pieces of sharded gradients, replicated compact Pro gradients)``."""
+  sharded, replicated = [], []
   for group in opt.param_groups:
-    for p in group["params"]:
-      if p.grad is None:
-        continue
+    for p in own_params(opt, group):
       t = opt.target_of(p)
       if t is None:
-        if opt.config.non_target == "train":
-          out.append(local(p.grad))
+        if opt.config.non_target == "train" and p.grad is not None:
+          sharded.append(local(p.grad))
         continue
-      g = local(p.grad)
-      st = opt.state[p]
-      out.append(g if opt.profiles(t) else _block(g, t, fs.local_rows(t, st), st["cols"]))
-  return out
+      prof = opt.profiles(t)
+      got = target_grads(opt, t, opt.state[p], prof)
+      if got is None:
+        continue
+      gblk, full, compact = got
+      if compact is not None:
+        replicated.append(compact)
+      else:
+        sharded.append(full if prof else gblk)
+  return sharded, replicated
 
 
 def grad_norm(opt, norm_type: float = 2.0) -> torch.Tensor:
-  """The global norm of :func:`read_grads` over all ranks (one all-reduced number)."""
-  pieces = [g for g in read_grads(opt) if g.numel()]
+  """The global norm of :func:`read_grads` over all ranks (one all-reduced number).
+
+  Sharded pieces are partial per rank and summed by the all-reduce; the replicated
+  compact gradients are counted once, by the first rank of the mesh."""
+  fs = opt.fsdp_state
+  if opt.pro_reducer is not None:
+    opt.pro_reducer.check_reduced()
+  sharded, replicated = read_grads(opt)
+  pieces = [g for g in sharded + (replicated if fs.rank == 0 else []) if g.numel()]
   norm_type = float(norm_type)
   if norm_type == math.inf:
     part = torch.stack([g.detach().abs().max().float() for g in pieces]).max() if pieces \
         else torch.zeros(())
-    return opt.fsdp_state.all_reduce(part.reshape(1), dist.ReduceOp.MAX)[0]
+    return fs.all_reduce(part.reshape(1), dist.ReduceOp.MAX)[0]
   part = torch.stack([torch.linalg.vector_norm(g.detach(), norm_type, dtype=torch.float32)
                       ** norm_type for g in pieces]).sum() if pieces else torch.zeros(())
-  return opt.fsdp_state.all_reduce(part.reshape(1))[0] ** (1.0 / norm_type)
+  return fs.all_reduce(part.reshape(1))[0] ** (1.0 / norm_type)
 
 
 def clip_grad_norm_(opt, max_norm: float, norm_type: float = 2.0,
@@ -230,6 +259,8 @@ def clip_grad_norm_(opt, max_norm: float, norm_type: float = 2.0,
   if error_if_nonfinite and not bool(torch.isfinite(total)):
     raise RuntimeError(f"The total norm of order {norm_type} for gradients is non-finite")
   coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # torch's clip_grads_with_norm_
+  # local shards of sharded gradients and Pro's replicated compact ones (the same
+  # coefficient on every rank keeps them replicated)
   grads = [local(p.grad) for g in opt.param_groups for p in g["params"] if p.grad is not None]
   if grads:
     torch._foreach_mul_(grads, coef)
@@ -240,27 +271,37 @@ def clip_grad_norm_(opt, max_norm: float, norm_type: float = 2.0,
 
 def step(opt) -> None:
   """One LoSiA step on local shards (the FSDP2 form of ``LoSiAOptimizer.step``)."""
+  if opt.pro_reducer is not None:
+    opt.pro_reducer.check_reduced()
+  try:
+    _step(opt)
+  finally:
+    for block in opt.pro_blocks.values():  # Pro's compact gradients are used up
+      block.zero_grad(True)
+  opt.sync_pro_blocks()  # Pro layers learn their new indices and profiling flags
+
+
+def _step(opt) -> None:
   fs, cfg, s = opt.fsdp_state, opt.config, opt.losia_step
   work, nt_work, checks = [], [], []
   for group in opt.param_groups:
-    for p in group["params"]:
-      if p.grad is None:
-        continue
+    for p in own_params(opt, group):
       t = opt.target_of(p)
       if t is None:
-        if cfg.non_target == "train":
+        if cfg.non_target == "train" and p.grad is not None:
           nt_work.append((group, p))
           checks.append(local(p.grad))
         continue
       st = opt.state[p]
       prof = opt.profiles(t, s)
-      g = local(p.grad)
-      rl = fs.local_rows(t, st)
-      gblk = _block(g, t, rl, st["cols"])
-      checks.append(gblk)
+      got = target_grads(opt, t, st, prof)
+      if got is None:
+        continue
+      gblk, full, compact = got
+      checks.append(gblk if compact is None else compact)
       if prof:
-        checks.append(g)
-      work.append((group, t, st, gblk, prof, rl))
+        checks.append(full)
+      work.append((group, t, st, gblk, prof, fs.local_rows(t, st)))
   if not work and not nt_work:
     return  # FSDP gives every rank a gradient for the same parameters: all ranks agree
   finite = torch.tensor([1.0 if all_finite(checks) else 0.0])
@@ -416,9 +457,14 @@ def state_dict(opt, base_state_dict) -> dict[str, Any]:
   live keys listed), so the state dict of a freshly built optimizer is a complete
   template for ``dcp.load`` at any step."""
   fs = opt.fsdp_state
-  sd = base_state_dict()
+  groups = opt.param_groups
+  opt.param_groups = groups_without_deltas(opt)  # a checkpoint is the same with Pro
+  try:
+    sd = base_state_dict()
+  finally:
+    opt.param_groups = groups
   state = {}
-  params = [p for g in opt.param_groups for p in g["params"]]
+  params = [p for g in groups_without_deltas(opt) for p in g["params"]]
   for i, p in enumerate(params):
     st = opt.state.get(p, {})
     t = opt.target_of(p)
@@ -456,8 +502,15 @@ def load_state_dict(opt, sd: dict[str, Any], base_load_state_dict) -> None:
   check_compatible(opt, extra.get("config", {}),
                    targets.split(",") if isinstance(targets, str) else list(targets))
   saved = sd.get("state", {})
-  base_load_state_dict({"state": {}, "param_groups": sd["param_groups"]})
-  params = [p for g in opt.param_groups for p in g["params"]]
+  opt.param_groups = groups_without_deltas(opt)
+  try:
+    base_load_state_dict({"state": {}, "param_groups": sd["param_groups"]})
+  finally:
+    for t in opt.plan.targets:  # Pro's deltas go back into the (new) groups
+      block = opt.pro_blocks.get(id(t.param))
+      if block is not None:
+        add_delta(opt.param_groups, t.param, block.delta, t.name)
+  params = [p for g in groups_without_deltas(opt) for p in g["params"]]
   full = lambda x: x.full_tensor() if is_sharded(x) else x
   for i, p in enumerate(params):
     v = saved.get(i)
@@ -480,6 +533,7 @@ def load_state_dict(opt, sd: dict[str, Any], base_load_state_dict) -> None:
                      for k in live}
   opt.losia_step = int(extra["step"])
   opt.num_skipped_steps = int(extra.get("num_skipped_steps", 0))
+  opt.sync_pro_blocks()
 
 
 def optimizer_state_nbytes(opt: torch.optim.Optimizer) -> int:

@@ -28,6 +28,7 @@ from losia_torch import fsdp as _fsdp
 from losia_torch import gradients as _grads
 from losia_torch import layerwise as _layerwise
 from losia_torch import pro as _pro
+from losia_torch import pro_reduce as _pro_reduce
 from losia_torch import schedule as _sched
 from losia_torch import step as _step
 from losia_torch.blocks import initial_target_state
@@ -92,6 +93,8 @@ class LoSiAOptimizer(torch.optim.Optimizer):
   - ``importance``: the live importance buffers, ``{slot_key: ImportanceSlot}``;
   - ``pro_blocks``: ``{id(weight): pro.ProBlock}`` of the targets switched to Pro
     (written only by :meth:`enable_pro` / :meth:`disable_pro`);
+  - ``pro_reducer``: a ``pro_reduce.CompactGradReducer`` averaging Pro's compact
+    gradients across ranks (FSDP2, DDP), else None;
   - ``fsdp_state``: a ``fsdp.FSDPState`` under FSDP2, else None;
   - :meth:`target_of`, :meth:`slot_key`, :meth:`profiles`,
     :meth:`sync_pro_blocks`, :meth:`follow_parameters`.
@@ -117,6 +120,7 @@ class LoSiAOptimizer(torch.optim.Optimizer):
     self.num_skipped_steps = 0
     self.importance: dict[str, ImportanceSlot] = {}
     self.pro_blocks: dict[int, _pro.ProBlock] = {}
+    self.pro_reducer: Optional[_pro_reduce.CompactGradReducer] = None  # Pro, > 1 process
     self._pro_modules: list[torch.nn.Module] = []  # the modules enable_pro switched
     self._layerwise: Optional[_layerwise.PerLayerStep] = None
     # FSDP2 (fully_shard): DTensor parameters; the step works on local shards (fsdp.py)
@@ -232,6 +236,8 @@ class LoSiAOptimizer(torch.optim.Optimizer):
       _fsdp.step(self)
       return loss
     self.follow_parameters()
+    if self.pro_reducer is not None:
+      self.pro_reducer.check_reduced()
     s = self.losia_step
     work = _step.StepWork()
     for group in self.param_groups:
@@ -261,17 +267,27 @@ class LoSiAOptimizer(torch.optim.Optimizer):
 
     See :mod:`losia_torch.pro`. Returns the names of the targets that now run the
     compact backward (targets in row mode keep the ordinary path). Raises before
-    switching any module if one cannot be switched.
+    switching any module if one cannot be switched. With more than one process pass
+    the ``DistributedDataParallel`` wrapper or the ``fully_shard``-ed model: the
+    compact gradients are averaged as it averages the others (``pro_reduce.py``).
     """
-    if self.fsdp_state is not None:
-      raise NotImplementedError(_fsdp.PRO_MESSAGE)
     if self._layerwise is not None:
       raise ValueError("LoSiA-Pro does not work with per-layer stepping; call "
                        "disable_per_layer_step() first")
-    _pro.check_single_process(model)
-    self.follow_parameters()
+    if self.fsdp_state is None:
+      self.follow_parameters()
     todo = [t for t in self.plan.targets if not t.row_mode and id(t.param) not in self.pro_blocks]
     found = _pro.target_modules(model, todo)
+    # With more than one process: how the wrapper averages gradients, which the
+    # compact ones follow (pro_reduce.py); checked before any module is switched.
+    group, averaging = None, None
+    if self.fsdp_state is not None:
+      group = self.fsdp_state.group
+      averaging = _pro_reduce.fsdp_averaging(model, [t for t, _ in found],
+                                             self.fsdp_state.world)
+    elif _pro_reduce.distributed():
+      group, averaging = _pro_reduce.ddp_averaging(model, [t for t, _ in found])
+    blocks = []
     for t, module in found:
       st = self.state[t.param]
       block = _pro.ProBlock.for_target(t, st["rows"], st["cols"], self.profiles(t))
@@ -279,10 +295,16 @@ class LoSiAOptimizer(torch.optim.Optimizer):
       self.pro_blocks[id(t.param)] = block
       self._pro_modules.append(module)
       _pro.add_delta(self.param_groups, t.param, block.delta, t.name)
+      blocks.append((t, block))
+    if averaging is not None:
+      self.pro_reducer = _pro_reduce.make_reducer(group, blocks, averaging, self.pro_reducer)
     return [t.name for t, _ in found]
 
   def disable_pro(self) -> None:
     """Gives every module :meth:`enable_pro` switched its original class back."""
+    if self.pro_reducer is not None:
+      self.pro_reducer.remove()
+      self.pro_reducer = None
     for module in self._pro_modules:
       _pro.swap_out(module)
     for block in self.pro_blocks.values():

@@ -38,8 +38,19 @@ update loop.
 Supported owners: ``nn.Linear`` (``weight [d_out, d_in]``) and transformers'
 GPT-2 ``Conv1D`` (``weight [d_in, d_out]``, ``y = x W + b``). Under
 ``torch.autocast`` the compact backward computes in the autocast dtype, as the
-ordinary autocast ``linear`` does. Not under ``DistributedDataParallel`` (DDP
-would not all-reduce the compact gradients).
+ordinary autocast ``linear`` does.
+
+With more than one process the compact gradients are per-rank leaves outside the
+data-parallel wrapper's reduction; ``pro_reduce.py`` averages them at the end of each
+backward as the wrapper averages its own gradients (FSDP2 ``fully_shard``: the FSDP
+module's divide factor; DDP: the group's size), in one flat block-sized all-reduce.
+Under FSDP2 the layer's ``weight`` in forward and backward is the unsharded tensor
+FSDP all-gathered (re-gathered into the same storage before backward when
+``reshard_after_forward=True`` freed it), so the compact backward is the same; each
+rank then updates the block rows its shard holds (``fsdp.py``). Under DDP pass the
+wrapper to ``enable_pro``; a weight without a gradient still gets DDP's full-size
+bucket slot (zeros in ``.grad`` unless ``find_unused_parameters=True``), so Pro saves
+the weight-gradient matmul there, not gradient memory.
 """
 
 from __future__ import annotations
@@ -203,17 +214,6 @@ def swap_out(module: torch.nn.Module) -> None:
   del module.losia_block
 
 
-def check_single_process(model: torch.nn.Module) -> None:
-  """Raises ``NotImplementedError`` under data parallelism (see the module docstring)."""
-  if torch.distributed.is_available() and torch.distributed.is_initialized() \
-      and torch.distributed.get_world_size() > 1:
-    raise NotImplementedError(
-        "LoSiA-Pro does not support DistributedDataParallel: the compact block gradients "
-        "would not be all-reduced. Use the ordinary LoSiA path under DDP.")
-  if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-    raise NotImplementedError("LoSiA-Pro does not support DistributedDataParallel")
-
-
 def target_modules(model: torch.nn.Module, targets: list) -> list[tuple]:
   """``(target, module)`` for each of ``targets`` whose weight a module of ``model`` owns.
 
@@ -275,7 +275,8 @@ def enable_pro(model: torch.nn.Module, optimizer) -> list[str]:
   """Swaps Pro layers in for the target modules of ``model``: ``optimizer.enable_pro(model)``.
 
   Args:
-    model: the model the optimizer was built for (not a DDP wrapper).
+    model: the model the optimizer was built for; under DDP its
+      ``DistributedDataParallel`` wrapper, under FSDP2 the ``fully_shard``-ed model.
     optimizer: a :class:`losia_torch.LoSiAOptimizer` over ``model``'s parameters.
 
   Returns:
@@ -283,7 +284,8 @@ def enable_pro(model: torch.nn.Module, optimizer) -> list[str]:
     tied embeddings) keep the ordinary path.
 
   Raises:
-    NotImplementedError: under ``torch.distributed`` with more than one process, or FSDP2.
+    NotImplementedError: with more than one process, if ``model`` is neither the
+      ``DistributedDataParallel`` wrapper nor ``fully_shard``-ed (``pro_reduce.py``).
     ValueError: naming the targets Pro cannot switch (see :func:`target_modules`).
   """
   return optimizer.enable_pro(model)
