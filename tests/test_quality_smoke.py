@@ -210,3 +210,22 @@ def test_runs_of_another_length_get_their_own_section(tmp_path):
   assert "## Other run lengths" in text
   assert "| arithmetic | losia | 240 | 0.001 | 0 | 1 | 90.0% |" in text
   assert "quality_long.png" in text and (tmp_path / "quality_long.png").exists()
+
+
+def test_gradient_share_runs_on_a_tiny_model(tmp_path):
+  """benchmarks/quality_gradient_share.py end to end on a tiny model (no claims about it):
+  every share is a fraction."""
+  spec = importlib.util.spec_from_file_location(
+      "gradient_share_under_test", os.path.join(ROOT, "benchmarks", "quality_gradient_share.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  tiny = make_tiny_model(str(tmp_path / "tiny"))
+  out = tmp_path / "share.json"
+  assert mod.main(["--model", tiny, "--profile", "1", "--eval", "1", "--batch-size", "2",
+                   "--json", str(out)]) == 0
+  got = json.loads(out.read_text())
+  for table in got["factors"].values():
+    for row in table.values():
+      for k in ("losia", "oracle_block", "random", "rank8", "rank_matched", "losia_l1",
+                "oracle_block_l1", "random_l1"):
+        assert 0.0 <= row[k] <= 1.0 + 1e-9
