@@ -211,3 +211,80 @@ def test_gpu_jax_layer_count_from_the_compile_probe():
   assert workers.choose_layers({2: 8.0, 4: 12.0}, 1.0, 32) == 1
   # a difference below noise falls back to a quarter of the larger probe per layer
   assert workers.choose_layers({2: 12.0, 4: 12.0}, 3 * (10.5 + 1.25 * 8), 32) == 8
+
+
+# --- benchmarks/torch_fsdp_memory.py: LoSiA against AdamW under FSDP2 ------------------------
+
+FSDP_MEMORY_SCRIPT = os.path.join(ROOT, "benchmarks", "torch_fsdp_memory.py")
+
+
+@pytest.mark.slow
+def test_torch_fsdp_memory_tiny_run(tmp_path):
+  """Two gloo processes per method on a tiny Llama: every figure is there, the state
+  compares as the method says, and the collective counts add up (LoSiA's relocalization
+  bytes equal the formula of docs/torch.md exactly). No timing is asserted."""
+  pytest.importorskip("transformers")
+  out, md = tmp_path / "fsdp.json", tmp_path / "R.md"
+  md.write_text("# title\n")
+  env = {**os.environ, "OMP_NUM_THREADS": "1"}
+  run = subprocess.run(
+      [sys.executable, FSDP_MEMORY_SCRIPT, "--hidden", "32", "--intermediate", "48",
+       "--layers", "2", "--vocab", "64", "--heads", "4", "--kv-heads", "2", "--seq", "8",
+       "--json", str(out), "--md", str(md)],
+      check=True, cwd=ROOT, env=env, timeout=600, capture_output=True, text=True)
+  doc = json.loads(out.read_text())
+  s = doc["summary"]
+  bench = load_script("torch_fsdp_memory_under_test", FSDP_MEMORY_SCRIPT)
+  assert list(s) == list(bench.METHODS)
+  train, freeze, adamw = (s[m] for m in bench.METHODS)
+  assert train["param_bytes_rank"] == freeze["param_bytes_rank"] == adamw["param_bytes_rank"]
+  assert adamw["param_bytes_model"] <= 2 * adamw["param_bytes_rank"]  # 2 ranks, dim-0 halves
+  # AdamW: two fp32 moments of every local shard (and a step counter per parameter)
+  assert 2 * adamw["param_bytes_rank"] <= adamw["state_bytes"] < 2.1 * adamw["param_bytes_rank"]
+  assert freeze["state_bytes"] < train["state_bytes"] < adamw["state_bytes"]
+  # every parameter has its gradient shard but the frozen non-targets
+  assert freeze["grad_bytes"] < train["grad_bytes"] == adamw["grad_bytes"]
+  assert adamw["grad_bytes"] == adamw["param_bytes_rank"]
+  for m in bench.METHODS:
+    assert s[m]["peak_rss_growth"] > 0 and len(s[m]["per_rank"]["state_bytes"]) == 2, m
+    # every parameter is gathered for the forward at least once a step
+    assert s[m]["fsdp_bytes"]["all_gather_single"] >= s[m]["param_bytes_model"], m
+  # frozen non-targets have no gradients to reduce-scatter
+  assert (freeze["fsdp_bytes"]["reduce_scatter_single"]
+          < train["fsdp_bytes"]["reduce_scatter_single"]
+          == adamw["fsdp_bytes"]["reduce_scatter_single"])
+  for m in ("losia-train", "losia-freeze"):
+    rl = s[m]["relocalization"]
+    assert rl["step"] == 1 and rl["targets"] == 7, (m, rl)  # layer 0's seven projections
+    assert rl["losia_bytes"] == rl["formula_bytes"] + s[m]["ordinary_step_losia_bytes"], m
+    assert s[m]["ordinary_step_losia_bytes"] == 4  # the one-flag non-finite check
+    ranks = doc["results"][m]
+    assert all(not r["steps"][i]["fwd_bwd"].get("losia") for r in ranks for i in range(3)), m
+  for m, ranks in doc["results"].items():  # every collective is FSDP's or LoSiA's
+    assert all(not r["steps"][i][part].get("other") for r in ranks for i in range(3)
+               for part in ("fwd_bwd", "opt_step")), m
+  assert "losia-train / adamw: optimizer state" in run.stdout
+  assert "/ parameter bytes of the model" in run.stdout
+  text = md.read_text()
+  assert text.startswith("# title\n\n" + bench.MD_BEGIN)
+  assert "## FSDP2 memory (torch, 2 gloo processes)" in text and run.stdout.strip() in text
+  assert f"--md {md}`" in text and "--json" not in text  # the command, less the JSON path
+
+
+def test_torch_fsdp_memory_section_replaces_only_its_own_block(tmp_path):
+  bench = load_script("torch_fsdp_memory_md", FSDP_MEMORY_SCRIPT)
+  md = tmp_path / "R.md"
+  md.write_text("# title\n\nbody\n")
+  for body in ("first", "second"):
+    bench.insert_section(str(md), f"{bench.MD_BEGIN}\n{body}\n{bench.MD_END}\n")
+  md.write_text(md.read_text() + "\nafter\n")
+  bench.insert_section(str(md), f"{bench.MD_BEGIN}\nthird\n{bench.MD_END}\n")
+  assert md.read_text() == f"# title\n\nbody\n\n{bench.MD_BEGIN}\nthird\n{bench.MD_END}\n\nafter\n"
+
+
+def test_torch_fsdp_memory_refuses_unclear_arguments():
+  bench = load_script("torch_fsdp_memory_args", FSDP_MEMORY_SCRIPT)
+  for argv in (["--methods", "losia,adamw"], ["--steps", "2", "--period", "2"]):
+    with pytest.raises(SystemExit):
+      bench.parse_args(argv)
+  assert bench.parse_args([]).methods == list(bench.METHODS)
