@@ -42,6 +42,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -580,16 +581,21 @@ def save(doc: dict, args, partial: Optional[str]) -> None:
     write_md(markdown(doc))
 
 
+# A section another script generates: "<!-- NAME: begin ... -->" ... "<!-- NAME: end -->"
+# (gpu.py's GPU section, torch_fsdp_memory.py's FSDP2 section).
+MARKED_SECTION = re.compile(r"<!-- (\S+): begin[^>]*-->.*?<!-- \1: end -->", re.S)
+
+
 def write_md(text: str, path: str = RESULTS_MD) -> None:
-  """Writes ``text`` to ``path``, keeping the generated GPU section already there."""
+  """Writes ``text`` to ``path``, keeping the sections other scripts generated there."""
   try:
     with open(path, encoding="utf-8") as f:
       old = f.read()
   except FileNotFoundError:
     old = ""
-  i, j = old.find(GPU_BEGIN), old.find(GPU_END)
-  if i >= 0 and j > i:
-    text = text.rstrip("\n") + "\n\n" + old[i:j + len(GPU_END)] + "\n"
+  for m in MARKED_SECTION.finditer(old):
+    if m.group(0) not in text:
+      text = text.rstrip("\n") + "\n\n" + m.group(0) + "\n"
   with open(path, "w", encoding="utf-8") as f:
     f.write(text)
 

@@ -117,14 +117,20 @@ def test_gpu_section_replaces_only_its_own_block(tmp_path):
   assert md.read_text().endswith(f"{gpu.END}\n\nafter\n") and "second" not in md.read_text()
 
 
-def test_peers_rewrite_keeps_the_gpu_section(tmp_path):
+def test_peers_rewrite_keeps_the_sections_other_scripts_generate(tmp_path):
   peers = _peers_module()
   md = tmp_path / "R.md"
-  md.write_text(f"# old cpu tables\n\n{peers.GPU_BEGIN}\ngpu rows\n{peers.GPU_END}\n")
+  fsdp = "<!-- torch_fsdp_memory.py: begin generated section -->\nfsdp rows\n" \
+         "<!-- torch_fsdp_memory.py: end -->"
+  md.write_text(f"# old cpu tables\n\n{peers.GPU_BEGIN}\ngpu rows\n{peers.GPU_END}\n\n"
+                f"old text\n\n{fsdp}\n")
   peers.write_md("# new cpu tables\n", str(md))
   text = md.read_text()
   assert text.startswith("# new cpu tables\n") and "old cpu" not in text
-  assert f"{peers.GPU_BEGIN}\ngpu rows\n{peers.GPU_END}" in text
+  assert "old text" not in text
+  assert f"{peers.GPU_BEGIN}\ngpu rows\n{peers.GPU_END}" in text and fsdp in text
+  peers.write_md(text, str(md))  # rewriting with the sections in place adds no copy
+  assert md.read_text().count("fsdp rows") == 1 and md.read_text().count("gpu rows") == 1
 
 
 @pytest.mark.slow
