@@ -74,7 +74,7 @@ def add_block(x: jax.Array, spec: TargetSpec, rows: jax.Array, cols: jax.Array,
 def scatter_block(like: jax.Array, spec: TargetSpec, rows: jax.Array, cols: jax.Array,
                   delta: jax.Array) -> jax.Array:
   """A full-shape zero array holding ``delta`` in the block (the optax-compatible update)."""
-  return jnp.zeros(like.shape, like.dtype).at[block_index(spec, rows, cols)].set(
+  return jnp.zeros(like.shape, like.dtype).at[block_index(spec, rows, cols)].add(
       _native(delta, spec).astype(like.dtype), **_FLAGS)
 
 

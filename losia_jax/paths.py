@@ -2,7 +2,14 @@
 
 - :func:`write_updates` (``tx.update``): parameter-shaped updates, zero outside
   the blocks, for ``optax.apply_updates``. The params are not written, so they
-  are themselves the weights before the step.
+  are themselves the weights before the step (:class:`GivenWeights`), and
+  profiling reads them before the updates are made. Each update is a
+  scatter-*add* of the block into zeros, so that in one jit with
+  ``optax.apply_updates`` XLA folds ``p + scatter_add(0, block)`` into
+  ``scatter_add(p, block)``: an in-place write of the (donated) params, as on
+  the fused path. The updates wait for profiling (a data dependency on its
+  conditionals), so XLA sees every read of the old weights before that write
+  and copies none.
 - :func:`write_params` (``tx.apply_gradients``): each compact update is
   scattered into the (donated) params in place; no parameter-sized update or
   zero buffer exists. Profiling then reads the *updated* weights with the old
@@ -10,9 +17,10 @@
   reading them before the in-place scatter would make XLA copy every target
   weight.
 
-Both return an output object that is also the :class:`~losia_jax.profiling.WeightsBefore`
-that profiling reads, and knows the new value of any block (for master weights).
-Both paths give the same state and bit-identical target weights.
+Profiling reads a :class:`~losia_jax.profiling.WeightsBefore`: :class:`GivenWeights`
+on the optax path, the fused path's output object (which also knows the new value
+of any block, for master weights). Both paths give the same state and
+bit-identical target weights.
 """
 
 from __future__ import annotations
@@ -47,18 +55,17 @@ def _written(plan: LoSiAPlan, targets: dict[str, TargetState], weights: list,
   return out
 
 
-class UpdatesOutput:
-  """The optax path's output: ``updates`` (parameter-shaped) for ``optax.apply_updates``.
+class GivenWeights:
+  """The optax path's :class:`~losia_jax.profiling.WeightsBefore`: the params' leaves as
+  given, unchanged.
 
   Attributes:
-    weights: the params' leaves, unchanged: the weights before the step.
-    updates: the update leaves (targets: the block deltas scattered into zeros).
+    weights: the params' leaves.
   """
 
-  def __init__(self, weights: list, updates: list, treedef: Any):
-    self.weights, self.updates, self.treedef = weights, updates, treedef
+  def __init__(self, weights: list):
+    self.weights = weights
 
-  # --- WeightsBefore
   @property
   def leaves(self) -> list:
     return self.weights
@@ -69,6 +76,18 @@ class UpdatesOutput:
   def restore_old_block(self, bucket, products, clipped):
     del bucket, clipped
     return products  # products were read from the weights before the step
+
+
+class UpdatesOutput:
+  """The optax path's output: ``updates`` (parameter-shaped) for ``optax.apply_updates``.
+
+  Attributes:
+    weights: the params' leaves, unchanged: the weights before the step.
+    updates: the update leaves (targets: the block deltas scattered into zeros).
+  """
+
+  def __init__(self, weights: list, updates: list, treedef: Any):
+    self.weights, self.updates, self.treedef = weights, updates, treedef
 
   def block_after(self, bucket: Bucket, ts: TargetState) -> jax.Array:
     """What ``optax.apply_updates`` will make of the blocks ``ts`` indexes."""
@@ -84,14 +103,23 @@ class UpdatesOutput:
 
 
 def write_updates(reads: StepReads, targets: dict[str, TargetState], updates: BlockUpdates,
-                  params: Any, grads: Any, master_weights: bool) -> UpdatesOutput:
-  """The optax path: the block deltas as parameter-shaped updates."""
+                  params: Any, grads: Any, master_weights: bool, read: jax.Array
+                  ) -> UpdatesOutput:
+  """The optax path: the block deltas as parameter-shaped updates.
+
+  ``read`` is ``reads.finite`` as the profiling conditionals that read the weights
+  yield it. Every update goes through ``where(read, ...)``, a no-op that makes
+  it, hence the in-place ``scatter_add(p, block)`` that XLA makes of
+  ``optax.apply_updates`` in the same jit, depend on those reads. Without that
+  order XLA copies every target weight (twice) to keep them safe.
+  """
   weights = jax.tree_util.tree_leaves(params)
   if master_weights:  # the update that takes each block to its rounded copy
     rounded = _rounded_masters(reads.plan, updates, weights)
     payload = {r: m - reads.old_blocks[r] for r, m in rounded.items()}
   else:
     payload = updates.deltas
+  payload = {r: jnp.where(read, d, jnp.zeros_like(d)) for r, d in payload.items()}
   out = _written(reads.plan, targets, weights, payload, blocks.scatter_block)
   # updates take the structure of the gradients (of the params for Pro gradients)
   treedef = jax.tree_util.tree_structure(params if isinstance(grads, ProGradients) else grads)

@@ -17,7 +17,9 @@ order the step asks them (:mod:`losia_jax.transform`):
    profiling matrices read finite, and their squared norm (for ``clip_norm``);
 2. :meth:`~AsyncSchedule.read_sq_norm` — the squared norm of every target
    gradient value the step reads;
-3. :meth:`~AsyncSchedule.profile` — the importance buffers after this step;
+3. :meth:`~AsyncSchedule.profile` — the importance buffers after this step, and
+   ``finite`` again, as the conditionals that read the weights yield it (the
+   optax path's updates wait for it: :mod:`losia_jax.paths`);
 4. :meth:`~AsyncSchedule.relocalize` — new blocks and fresh inner states at
    the end of a window.
 
@@ -143,7 +145,7 @@ class AsyncSchedule(_Schedule):
       return jnp.all(jnp.isfinite(g)), (sq_norm(g) if self.clipping else zero)
 
     none = lambda bucket: (jnp.array(True), zero)
-    found = _per_owner(plan, owner, check, none, grads.ops)
+    found, _ = _per_owner(plan, owner, check, none, grads.ops)
     ok, sq = jnp.array(True), zero
     for b in plan.buckets:
       mine = holds_matrix(b, plan, owner)
@@ -167,8 +169,9 @@ class AsyncSchedule(_Schedule):
 
   def profile(self, plan: LoSiAPlan, state: LoSiAState, grads: GradientView, owner: jax.Array,
               finite: jax.Array, clip: Optional[jax.Array], before: WeightsBefore
-              ) -> dict[str, ImportanceState]:
-    """The buffers after this step: the profiling layer's ``W ⊙ G`` accumulated.
+              ) -> tuple[dict[str, ImportanceState], jax.Array]:
+    """The buffers after this step: the profiling layer's ``W ⊙ G`` accumulated; and
+    ``finite``, as yielded by the conditionals that read the weights.
 
     Only the products of the owner's matrices come out of the layer switch; the
     buffers are updated outside it, elementwise and masked by whether the owner
@@ -186,13 +189,13 @@ class AsyncSchedule(_Schedule):
                      clipped(grads.layer(grad_ops, bucket, member, local)))
 
     none = lambda bucket: jnp.zeros(importance[bucket.role].ibar.shape, jnp.float32)
-    products = _per_owner(plan, jnp.where(finite, owner, -1), products_of, none,
-                          before.leaves, grads.ops)
+    products, read = _per_owner(plan, jnp.where(finite, owner, -1), products_of, none,
+                                before.leaves, grads.ops)
     for b in plan.buckets:
       p = before.restore_old_block(b, products[b.role], clipped)
       importance[b.role] = self.accumulate(importance[b.role], p, fresh_window,
                                            active=finite & holds_matrix(b, plan, owner))
-    return importance
+    return importance, read
 
   def relocalize(self, plan: LoSiAPlan, targets: dict[str, TargetState],
                  importance: dict[str, ImportanceState], owner: jax.Array, due: jax.Array,
@@ -264,8 +267,9 @@ class SyncSchedule(_Schedule):
 
   def profile(self, plan: LoSiAPlan, state: LoSiAState, grads: GradientView, owner: jax.Array,
               finite: jax.Array, clip: Optional[jax.Array], before: WeightsBefore
-              ) -> dict[str, ImportanceState]:
-    """The buffers after this step: every target's ``W ⊙ G``, in one conditional."""
+              ) -> tuple[dict[str, ImportanceState], jax.Array]:
+    """The buffers after this step: every target's ``W ⊙ G``, in one conditional; and
+    ``finite``, with a data dependency on that conditional (it reads every weight)."""
     clipped = _clipper(clip)
     fresh_window = _fresh_window(state, self.config)
 
@@ -283,11 +287,14 @@ class SyncSchedule(_Schedule):
           slot = jax.tree.map(lambda buf, part: buf.at[start:start + part.shape[0]].set(part),
                               slot, new)
         importance[b.role] = slot
-      return importance
+      return importance, True
 
-    return jax.lax.cond((owner == 0) & finite, accumulate_all,
-                        lambda importance, grad_ops: dict(importance), state.importance,
-                        grads.ops)
+    profiling = (owner == 0) & finite
+    importance, profiled = jax.lax.cond(
+        profiling, accumulate_all, lambda importance, grad_ops: (dict(importance), False),
+        state.importance, grads.ops)
+    # == finite (profiled is the predicate), but read from the conditional's output
+    return importance, jnp.where(owner == 0, profiled, finite)
 
   def relocalize(self, plan: LoSiAPlan, targets: dict[str, TargetState],
                  importance: dict[str, ImportanceState], owner: jax.Array, due: jax.Array,
@@ -351,34 +358,51 @@ def _direct(bucket: Bucket) -> bool:
 
 
 def _per_owner(plan: LoSiAPlan, owner: jax.Array, value_of: Callable[..., Any],
-               placeholder: Callable[[Bucket], Any], *operands) -> dict[str, Any]:
-  """``{role: value_of(bucket, member, local, *operands)}`` for the owner's matrix of each role.
+               placeholder: Callable[[Bucket], Any], *operands
+               ) -> tuple[dict[str, Any], jax.Array]:
+  """``{role: value_of(bucket, member, local, *operands)}`` for the owner's matrix of each
+  role, and ``owner >= 0`` as the conditionals that read ``operands`` yield it.
 
-  Stacked leaves are read at the owner's index (``local`` traced), with no
-  conditional; the owner may hold no matrix of such a role, then the value is
-  of some other layer and callers mask it. The other buckets go through one
-  ``lax.switch`` over layer ids whose branches only apply ``value_of`` to the
-  owner's matrices (``placeholder(bucket)`` where it holds none): the
-  importance math, gathers and masks run once, outside. XLA conditionals are
-  sync points on CPU and every branch is compiled, so branches stay tiny.
-  ``owner == -1`` takes the placeholders everywhere.
+  Stacked leaves are read at the owner's index (``local`` traced), in one
+  ``lax.cond`` on ``owner >= 0`` (no switch over layers); the owner may hold no
+  matrix of such a role, then the value is of some other layer and callers
+  mask it. The other buckets go through one ``lax.switch`` over layer ids
+  whose branches only apply ``value_of`` to the owner's matrices
+  (``placeholder(bucket)`` where it holds none): the importance math, gathers
+  and masks run once, outside. XLA conditionals are sync points on CPU and
+  every branch is compiled, so branches stay tiny. ``owner == -1`` takes the
+  placeholders everywhere.
+
+  The flag is what orders a later in-place write of the operands after these
+  reads: XLA copies a buffer that is read and written in place unless the
+  write depends on the read (the optax path, :mod:`losia_jax.paths`).
   """
-  out = {}
-  for b in plan.buckets:
-    if _direct(b):
-      out[b.role] = value_of(b, 0, owner_slot(b, plan, owner).local, *operands)
+  out, read = {}, owner >= 0
+  direct = [b for b in plan.buckets if _direct(b)]
+  if direct:
+    def stacked(*operands):
+      return {b.role: value_of(b, 0, owner_slot(b, plan, owner).local, *operands)
+              for b in direct}, True
+
+    values, read_direct = jax.lax.cond(
+        read, stacked, lambda *operands: ({b.role: placeholder(b) for b in direct}, False),
+        *operands)
+    out.update(values)
+    read = read_direct
   switched = [b for b in plan.buckets if not _direct(b)]
   if switched:
     def nobody(*operands):
-      return {b.role: placeholder(b) for b in switched}
+      return {b.role: placeholder(b) for b in switched}, False
 
     def layer(layer_id, *operands):
-      values = nobody()
+      values, _ = nobody()
       for b, member, local in _at_layer(plan, layer_id):
         if not _direct(b):
           values[b.role] = value_of(b, member, local, *operands)
-      return values
+      return values, True
 
     branches = [nobody] + [functools.partial(layer, lid) for lid in range(plan.total)]
-    out.update(jax.lax.switch(owner + 1, branches, *operands))
-  return out
+    values, read_switched = jax.lax.switch(owner + 1, branches, *operands)
+    out.update(values)
+    read = read & read_switched
+  return out, read

@@ -49,7 +49,7 @@ from losia_common.subnet import initial_indices
 from losia_jax import blocks, misuse
 from losia_jax.gradients import ProGradients  # noqa: F401  (re-exported)
 from losia_jax.importance import zeros_importance
-from losia_jax.paths import write_params, write_updates
+from losia_jax.paths import GivenWeights, write_params, write_updates
 from losia_jax.profiling import Schedule, schedule_for
 from losia_jax.schedule import ends_slot
 from losia_jax.stages import Options, read_gradients, update_blocks
@@ -274,17 +274,20 @@ class LoSiAFunctions:
     reads = read_gradients(options, schedule, plan, grads, state, weights, fused)
     # 2. the blocks' updates: inner optimizer, decay, rewarm, learning rate
     updates = update_blocks(options, reads, state, weights, fused)
-    # 3. written with this step's indices: into updates, or into the params in place
+    # 3. written with this step's indices: into the params in place, or into updates;
+    # 4. importance of the profiling layer(s), from the weights before the step.
+    #    Both orders spare XLA a copy of every weight (losia_jax.paths): the fused
+    #    path profiles after the write, reading the written params with the old
+    #    blocks put back; the optax path profiles first and its updates wait for it.
+    profile = lambda before: schedule.profile(plan, state, reads.grads, reads.owner,
+                                              reads.finite, reads.clip, before)
     if fused:
       output = write_params(reads, state.targets, updates, params, options.master_weights)
+      importance, _ = profile(output)
     else:
+      importance, read = profile(GivenWeights(weights))
       output = write_updates(reads, state.targets, updates, params, grads,
-                             options.master_weights)
-    # 4. importance of the profiling layer(s), from the weights before the step. It
-    #    comes after the write: the fused path reads those weights back from the
-    #    written params (old blocks put back), which spares XLA a copy of every weight.
-    importance = schedule.profile(plan, state, reads.grads, reads.owner, reads.finite,
-                                  reads.clip, output)
+                             options.master_weights, read)
     # 5. relocalization at the end of a profiling window
     due = reads.finite & ends_slot(reads.count, options.config.period)
     targets = schedule.relocalize(plan, updates.targets, importance, reads.owner, due,
