@@ -27,8 +27,8 @@ import re
 import typing
 from typing import Any, Optional
 
-from losia_cli.backend import (BACKEND_OF_METHOD, BACKENDS, LORA_VARIANTS, LR_SCHEDULES, METHODS,
-                               PRECISIONS, ModelSource, TrainSettings)
+from losia_cli.backend import (BACKEND_OF_METHOD, BACKENDS, FSDP_METHODS, LORA_VARIANTS,
+                               LR_SCHEDULES, METHODS, PRECISIONS, ModelSource, TrainSettings)
 from losia_cli.tasks import TASKS
 from losia_common.config import (IMPORTANCE_KINDS, NON_TARGET_POLICIES, SCHEDULES, LoSiAConfig,
                                  LoSiAConfigError)
@@ -90,6 +90,8 @@ DEFAULTS: dict[str, Any] = {
     "plots": True,
     "quiet": False,
     "losia_config": None,
+    "fsdp": False,            # torch under torchrun: FSDP2 instead of DDP
+    "devices": 1,             # JAX: local devices the parameters and batches are sharded over
 }
 # GaLore's settings when --method galore does not give them: LLaMA-Factory's defaults
 # (rank 16, projection update interval 200, scale 2.0), kept in TrainSettings.
@@ -178,6 +180,8 @@ class RunConfig:
   plots: bool
   quiet: bool
   losia_config: Optional[str]
+  fsdp: bool
+  devices: int
   losia: dict[str, Any]           # LoSiAConfig fields; "period" may be "auto"
   explicit: frozenset[str] = frozenset()
 
@@ -399,6 +403,21 @@ def build_parser() -> argparse.ArgumentParser:
   ga.add_argument("--galore-scale", type=float, metavar="X",
                   help="scale of those matrices' projected-back update (default: "
                   f"{GALORE_DEFAULTS['galore_scale']:g})")
+  dv = p.add_argument_group(
+      "across devices", "torch: launch with torchrun --nproc-per-node N -m losia_cli "
+      "--backend torch ... (DDP; --batch-size stays the global batch, split over the "
+      "processes). JAX: one process, --devices N.")
+  dv.add_argument("--fsdp", action="store_true",
+                  help="torch under torchrun (2 or more processes): shard parameters, gradients "
+                  "and optimizer state over the processes with FSDP2 (fully_shard per decoder "
+                  "layer and the root) instead of replicating them with DDP; methods "
+                  + ", ".join(FSDP_METHODS) + "; checkpoints are torch.distributed.checkpoint "
+                  "shards, resumed with --fsdp")
+  dv.add_argument("--devices", type=int, metavar="N",
+                  help="JAX backend: shard the parameters FSDP-style over N local devices and "
+                  "every batch over them (N must divide --batch-size); on a CPU, "
+                  "XLA_FLAGS=--xla_force_host_platform_device_count=N makes N devices "
+                  "(default: 1)")
   lo = p.add_argument_group("LoSiA (methods losia and losia-pro)")
   lo.add_argument("--losia-config", metavar="FILE.json",
                   help="a LoSiAConfig JSON file; the flags below override it")
@@ -446,6 +465,7 @@ def build_config(given: dict[str, Any]) -> RunConfig:
     raise UsageError("argument --gradient-checkpointing: needs --backend torch (the JAX "
                      "LLaMA of losia_jax.models has no rematerialization hook around its "
                      "decoder layers)")
+  _check_device_flags(v, given)
   if v["steps"] is None and v["epochs"] is None:
     v["steps"] = DEFAULT_STEPS
   if v["lr"] is None:
@@ -458,6 +478,23 @@ def build_config(given: dict[str, Any]) -> RunConfig:
   v["model"] = model
   v["losia"] = _losia_fields(given, v)
   return RunConfig(**v, explicit=explicit)
+
+
+def _check_device_flags(v: dict[str, Any], given: dict[str, Any]) -> None:
+  """--fsdp is torch's (under torchrun: losia_cli.distributed checks the launch), --devices JAX's."""
+  if v["fsdp"] and v["backend"] != "torch":
+    raise UsageError("argument --fsdp: needs --backend torch under torchrun; the JAX backend "
+                     "shards its parameters FSDP-style with --devices N")
+  if v["fsdp"] and v["method"] not in FSDP_METHODS:
+    raise UsageError(f"argument --fsdp: supports --method {', '.join(FSDP_METHODS)}, not "
+                     f"{v['method']}; drop --fsdp (DDP replicates the model instead)")
+  if "devices" in given and v["backend"] != "jax":
+    raise UsageError("argument --devices: applies to --backend jax; the torch backend runs "
+                     "across devices under torchrun --nproc-per-node N -m losia_cli "
+                     "--backend torch ...")
+  if v["backend"] == "jax" and v["batch_size"] % v["devices"]:
+    raise UsageError(f"argument --batch-size: {v['batch_size']} sequences cannot be split "
+                     f"evenly over --devices {v['devices']}; use a multiple of {v['devices']}")
 
 
 def _check_ranges(v: dict[str, Any]) -> None:
@@ -489,6 +526,7 @@ def _check_ranges(v: dict[str, Any]) -> None:
     need("max_new_tokens", v["max_new_tokens"] >= 1, ">= 1")
   need("lora_rank", v["lora_rank"] >= 1, ">= 1")
   need("lora_alpha", finite(v["lora_alpha"]) and v["lora_alpha"] > 0, "a number > 0")
+  need("devices", v["devices"] >= 1, ">= 1")
   if v["galore_rank"] is not None:
     need("galore_rank", v["galore_rank"] >= 1, "an integer >= 1")
   if v["galore_update_gap"] is not None:

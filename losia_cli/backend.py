@@ -19,6 +19,9 @@ BACKENDS = ("jax", "torch")
 # Methods only one backend has: GaLore is optax's (the registry's galore-torch needs
 # bitsandbytes), so the torch backend does not offer it.
 BACKEND_OF_METHOD = {"galore": "jax"}
+# Methods the torch backend runs under FSDP2 (--fsdp). LoRA's adapters are tiny (DDP,
+# the default under torchrun, trains it); LoSiA-Pro runs where losia_torch supports it.
+FSDP_METHODS = ("losia", "losia-pro", "full")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 LORA_VARIANTS = ("lora", "dora", "pissa")
 PRECISIONS = ("fp32", "bf16")
@@ -77,6 +80,16 @@ class TrainSettings:
   galore_rank: int = 16
   galore_update_gap: int = 200
   galore_scale: float = 2.0
+  # Across devices. torch: under torchrun (a process group of several processes) the
+  # backend trains data-parallel, each process on its rows of every batch: DDP, or FSDP2
+  # (fully_shard) with fsdp=True. JAX: ``devices`` local devices, parameters sharded
+  # FSDP-style and each batch split over them.
+  fsdp: bool = False
+  devices: int = 1
+
+
+class SetupError(ValueError):
+  """A backend cannot start as configured; the message stands alone (names the flag)."""
 
 
 class Batch(NamedTuple):
@@ -140,13 +153,18 @@ class Backend(Protocol):
     ``losia_common.names.target_identity`` (``layer3.self_attn.q_proj``, ``output``);
     None for other methods."""
 
-  def save_checkpoint(self, directory: str) -> None:
+  def save_checkpoint(self, directory: Optional[str]) -> None:
     """Writes model + optimizer state + step into ``directory`` (which does not
-    exist yet; the driver makes the write atomic by renaming afterwards)."""
+    exist yet; the driver makes the write atomic by renaming afterwards).
+
+    Under torchrun every process calls it at the same step: rank 0 with the
+    directory, the others with None (they write their shards, if any, into rank
+    0's directory)."""
 
   def restore_checkpoint(self, directory: str) -> None:
     """Restores exactly what :meth:`save_checkpoint` wrote."""
 
-  def export_hf(self, directory: str) -> None:
+  def export_hf(self, directory: Optional[str]) -> None:
     """Writes the fine-tuned model as a transformers checkpoint (config.json +
-    safetensors; LoRA merged) into ``directory`` (which does not exist yet)."""
+    safetensors; LoRA merged) into ``directory`` (which does not exist yet);
+    under torchrun as :meth:`save_checkpoint` (rank 0 writes)."""

@@ -26,6 +26,11 @@ batch into N micro-batches inside the one jitted step (``lax.scan``), sums their
 gradients weighted by loss tokens (dense, LoRA or LoSiA-Pro's compact ones), and
 applies them in one fused LoSiA / Optax step. Gradient checkpointing is not
 available: the model has no rematerialization hook around its decoder layers.
+
+Devices: ``devices = N > 1`` shards the parameters FSDP-style over N local
+devices and every batch over them by rows (``losia_cli.jax_mesh``); the
+checkpoint is the same Orbax tree, restored onto whatever mesh the resuming run
+has (each array's target sharding is the one this run placed it with).
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 import losia_jax
-from losia_cli import jax_optim
+from losia_cli import jax_mesh, jax_optim
 from losia_cli.backend import METHODS, PRECISIONS, Batch, ModelSource, TrainSettings
 from losia_cli.schedules import lr_multiplier
 from losia_common import LoSiAConfig
@@ -77,6 +82,8 @@ class JaxBackend:
     if settings.gradient_checkpointing:
       raise ValueError("gradient checkpointing needs the torch backend (the JAX LLaMA of "
                        "losia_jax.models has no rematerialization hook around its layers)")
+    # Before the model loads: too few devices is one line, not a wait.
+    self.mesh = jax_mesh.make_mesh(settings.devices) if settings.devices > 1 else None
     if source.kind == "hf":
       model, self.hf_config = load_hf(source.path)
     elif source.kind == "gguf":
@@ -132,7 +139,31 @@ class JaxBackend:
       self.opt_state = self.tx.init(self.lora if method == "lora" else self.params)
     else:
       raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
-    self._step_fn = jax.jit(self._make_step(), donate_argnums=(0, 1))
+    if self.mesh is None:
+      self._step_fn = jax.jit(self._make_step(), donate_argnums=(0, 1))
+    else:
+      self._step_fn = self._place_on_mesh()
+
+  def _place_on_mesh(self):
+    """Shards parameters, adapters and optimizer state over the mesh; returns the
+    jitted step that keeps them there and splits each batch's rows over it."""
+    mesh = self.mesh
+    params_sh = jax_mesh.tree_shardings(mesh, self.params)
+    self.params = jax.device_put(self.params, params_sh)
+    if self.lora is not None:
+      opt_sh = jax_mesh.tree_shardings(mesh, self.lora)
+      self.lora = jax.device_put(self.lora, opt_sh)
+      tree_sh = (params_sh, opt_sh)
+    else:
+      opt_sh = tree_sh = params_sh
+    state_sh = losia_jax.state_shardings(
+        self.tx, self.lora if self.lora is not None else self.params, opt_sh)
+    self.opt_state = jax.device_put(self.opt_state, state_sh)
+    accum = self.settings.grad_accum > 1  # [N, B, S] then: rows are axis 1
+    rows = jax_mesh.batch_sharding(mesh, 3 if accum else 2, 1 if accum else 0)
+    return jax.jit(self._make_step(), donate_argnums=(0, 1),
+                   in_shardings=(tree_sh, state_sh, rows, rows, rows),
+                   out_shardings=(tree_sh, state_sh, jax_mesh.replicated(mesh)))
 
   # --- model ------------------------------------------------------------------
 
@@ -263,7 +294,9 @@ class JaxBackend:
              + ("fp32" if self.settings.precision == "fp32" else
                 "fp32 weights, bf16 compute")
              + (f", {self.settings.grad_accum} micro-batches per step"
-                if self.settings.grad_accum > 1 else ""),
+                if self.settings.grad_accum > 1 else "")
+             + (f"; {self.mesh.size} devices: parameters sharded FSDP-style, each batch "
+                "split over them by rows" if self.mesh is not None else ""),
              f"method: {self.settings.method}; trainable parameters {self.trainable_params():,} "
              f"({self.trainable_params() / total:.2%}); optimizer state "
              f"{state / 2**20:.1f} MiB (AdamW on all: {8 * total / 2**20:.1f} MiB)"]
@@ -378,7 +411,9 @@ class JaxBackend:
                        f"{CHECKPOINT_FORMAT}")
     if not isinstance(meta.get("step"), int) or meta["step"] < 0:
       raise ValueError(f"{directory}/backend.json has no valid step")
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+    # Each array where this run keeps it: a checkpoint from another device count (4
+    # devices, restored on 2 or 1) is re-laid, not placed as saved.
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                           {"trainable": self._trainable_tree(), "opt_state": self.opt_state})
     ckpt = ocp.StandardCheckpointer()
     out = ckpt.restore(os.path.join(os.path.abspath(directory), "state"), target)

@@ -6,6 +6,10 @@ a traceback; 128 + the signal after SIGTERM/SIGINT, with a checkpoint) and
 never calls ``sys.exit``, so tests can call it directly.
 The backend (model + optimizer) is imported only when chosen, so the torch
 backend works without JAX installed and vice versa.
+
+Under ``torchrun`` (``losia_cli.distributed``) every process runs this whole driver
+on the same inputs; rank 0 alone prints, writes the metrics, pictures, summary and
+checkpoint files, and reports errors (the others fail the same way, silently).
 """
 
 from __future__ import annotations
@@ -21,13 +25,14 @@ from typing import Any, Optional
 
 from losia_cli import checkpoints as ck
 from losia_cli import data as D
+from losia_cli import distributed as P
 from losia_cli import report as R
 from losia_cli import resume as RS
 from losia_cli import signals as S
 from losia_cli import tasks
 from losia_cli.args import (PROG, HelpExit, RunConfig, UsageError,
                             build_config, default_warmup, output_dir_of, parse_flags)
-from losia_cli.backend import TrainSettings
+from losia_cli.backend import SetupError, TrainSettings
 from losia_cli.model_files import ModelFileError, load_tokenizer, model_facts
 
 EVAL_CHUNK = 32          # prompts per backend.generate call (progress between calls)
@@ -40,34 +45,37 @@ class CliError(Exception):
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+  # torchrun's other processes meet the same bad input as rank 0: one report is enough.
+  rank = os.environ.get("RANK", "0") if "WORLD_SIZE" in os.environ else "0"
+  say = (lambda text: print(text, file=sys.stderr)) if rank == "0" else (lambda text: None)
+  internal = PROG if rank == "0" else f"{PROG} (rank {rank})"
   try:
     return Run(parse_flags(argv)).execute()
   except HelpExit as e:
     return e.status
   except (UsageError, CliError, D.DataError, ck.OutputDirError, RS.ResumeError,
-          ModelFileError) as e:
-    print(f"{PROG}: error: {e}", file=sys.stderr)
+          ModelFileError, P.LaunchError) as e:
+    say(f"{PROG}: error: {e}")
     return 2
   except S.Preempted as e:
-    print(f"{PROG}: {e.message}", file=sys.stderr)
+    say(f"{PROG}: {e.message}")
     return e.exit_code
   except OSError as e:
     if e.filename is None:
       traceback.print_exc()
-      print(f"{PROG}: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+      print(f"{internal}: internal error: {type(e).__name__}: {e}", file=sys.stderr)
       return 1
     # The environment (a full disk, a permission, a vanished mount), not a bug:
     # name the path; what was saved before is intact (every write is atomic).
-    print(f"{PROG}: error: cannot write or read {e.filename}: {e.strerror or e}; fix that "
-          "(free space, permissions), then continue with --resume", file=sys.stderr)
+    say(f"{PROG}: error: cannot write or read {e.filename}: {e.strerror or e}; fix that "
+        "(free space, permissions), then continue with --resume")
     return 2
   except KeyboardInterrupt:
-    print(f"\n{PROG}: interrupted; continue later with --resume (from the latest checkpoint)",
-          file=sys.stderr)
+    say(f"\n{PROG}: interrupted; continue later with --resume (from the latest checkpoint)")
     return 130
   except Exception as e:  # pylint: disable=broad-except
     traceback.print_exc()
-    print(f"{PROG}: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+    print(f"{internal}: internal error: {type(e).__name__}: {e}", file=sys.stderr)
     return 1
 
 
@@ -85,8 +93,12 @@ def make_backend(cfg: RunConfig, settings: TrainSettings):
                    f"pip install 'open-losia[{extra}]'")
   try:
     return cls(cfg.model, settings)
-  except ValueError as e:
-    raise CliError(f"--method {cfg.method} on {cfg.model.description}: {e}")
+  except SetupError as e:
+    raise CliError(str(e)) from None
+  except (ValueError, NotImplementedError) as e:
+    # NotImplementedError: what the library refuses by design, e.g. LoSiA-Pro under DDP.
+    raise CliError(f"--method {cfg.method} on {cfg.model.description}: "
+                   f"{' '.join(str(e).split())}") from None
 
 
 def _check_positions(what: str, seq_len: int, max_positions: Optional[int]) -> None:
@@ -123,16 +135,21 @@ class Run:
     self.saved: Optional[dict[str, Any]] = None
 
   def log(self, text: str = "") -> None:
-    print(text, flush=True)
+    if self.procs.is_main:
+      print(text, flush=True)
 
   def log_err(self, text: str) -> None:
-    print(f"{PROG}: {text}", file=sys.stderr, flush=True)
+    if self.procs.is_main:
+      print(f"{PROG}: {text}", file=sys.stderr, flush=True)
 
   # -- preparation --
 
   def execute(self) -> int:
-    with S.StopSignals() as self.stop:
-      return self._execute()
+    self.procs = P.from_env()
+    with S.StopSignals(announce=self.procs.is_main) as self.stop:
+      code = self._execute()
+    self.procs.stop()
+    return code
 
   def _execute(self) -> int:
     t_start = R.now()
@@ -151,6 +168,8 @@ class Run:
     else:
       self.cfg = cfg = build_config(self.given)  # bad flags fail before anything is looked at
       ck.check_output_dir(self.out, False)
+    P.check(cfg, self.procs)
+    self.procs.start()  # torchrun: join the other processes (nothing alone)
     t0 = R.now()
     # config.json first: the tokenizer loader reads it too, and would report a
     # broken one as "could not load a tokenizer".
@@ -185,14 +204,17 @@ class Run:
         lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_variant=cfg.lora_variant,
         seed=cfg.seed, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
         precision=cfg.precision, grad_accum=cfg.grad_accum,
-        gradient_checkpointing=cfg.gradient_checkpointing, **cfg.galore_settings)
+        gradient_checkpointing=cfg.gradient_checkpointing, fsdp=cfg.fsdp, devices=cfg.devices,
+        **cfg.galore_settings)
     self.log(f"loading {cfg.model.description} on the {cfg.backend} backend ...")
     t0 = R.now()
     self.backend = make_backend(cfg, settings)
     self.timings["model_load_s"] = R.now() - t0
     _check_positions("reported by the backend", cfg.seq_len, self.backend.max_positions)
     self._check_generation_fits()
-    ck.create_output_dir(self.out)  # the inputs are good: only now does the run leave traces
+    self.procs.barrier()  # every process has checked the output directory before it changes
+    if self.procs.is_main:
+      ck.create_output_dir(self.out)  # the inputs are good: only now does the run leave traces
     self.log(self.backend.describe())
     self.tracker = R.SubnetTracker()
     if self.resume_from is not None:
@@ -289,7 +311,7 @@ class Run:
     # (the loss history the smoothed loss and loss.png carry on from).
     source = RS.run_dir_of_checkpoint(path)
     mine = os.path.join(self.out, "metrics.jsonl")
-    if source not in (None, self.out) and not os.path.exists(mine):
+    if source not in (None, self.out) and not os.path.exists(mine) and self.procs.is_main:
       theirs = os.path.join(source, "metrics.jsonl")
       if os.path.isfile(theirs):
         shutil.copyfile(theirs, mine)
@@ -329,7 +351,7 @@ class Run:
     n = len(self.eval_prompts)
     from tqdm.auto import tqdm
     with tqdm(total=n, desc=f"eval {label}", unit="ex", file=sys.stderr,
-              disable=self.cfg.quiet, leave=False) as bar:
+              disable=self.cfg.quiet or not self.procs.is_main, leave=False) as bar:
       for i in range(0, n, EVAL_CHUNK):
         self._stop_if_requested(f"during the evaluation {label} training")
         chunk = self.eval_prompts[i:i + EVAL_CHUNK]
@@ -383,7 +405,13 @@ class Run:
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
 
-  def _checkpoint(self) -> str:
+  def _checkpoint(self) -> Optional[str]:
+    if not self.procs.is_main:
+      self.backend.save_checkpoint(None)  # FSDP2: this process's shards (DDP: nothing)
+      self.procs.barrier()  # rank 0 has renamed the checkpoint into place
+      self.saved_step = self.state.step
+      return None
+
     def extra(tmp: str) -> None:
       if self.tracker.segments:
         self.tracker.save(os.path.join(tmp, "subnets.npz"))
@@ -398,35 +426,43 @@ class Run:
                      f"{os.path.join(self.out, ck.CHECKPOINTS)}: {e.strerror or e}; {kept}: "
                      "free space or fix permissions, then continue with --resume") from None
     ck.apply_retention(self.out, self.cfg.keep_checkpoints)
+    self.procs.barrier()
     self.saved_step = self.state.step
     return path
 
+  def _stop_signal(self) -> Optional[int]:
+    """SIGTERM/SIGINT if it reached this process, or under torchrun any of them."""
+    return self.procs.agree_signal(self.stop.signum)
+
   def _stop_if_requested(self, where: str) -> None:
     """Raises :class:`S.Preempted` once SIGTERM/SIGINT arrived, with how to continue."""
-    if self.stop.signum is None:
+    signum = self._stop_signal()
+    if signum is None:
       return
     latest = ck.latest_checkpoint(self.out)
-    how = (f"latest checkpoint: step {latest[0]}; continue with: {PROG} --resume "
+    again = (f"torchrun --nproc-per-node {self.procs.world_size} -m losia_cli"
+             if self.procs.distributed else PROG)
+    how = (f"latest checkpoint: step {latest[0]}; continue with: {again} --resume "
            f"--output-dir {self.out}" if latest else
            "nothing was saved yet; run the same command again")
-    raise S.Preempted(self.stop.signum,
-                      f"stopped by {S.name(self.stop.signum)} {where}; {how}")
+    raise S.Preempted(signum, f"stopped by {S.name(signum)} {where}; {how}")
 
   def _train(self) -> None:
     cfg, st = self.cfg, self.state
     metrics_path = os.path.join(self.out, "metrics.jsonl")
-    history = R.truncate_metrics(metrics_path, st.step)
+    # The other processes under torchrun keep no files: rank 0 reports.
+    history = R.truncate_metrics(metrics_path, st.step) if self.procs.is_main else []
     self.records = history
     if st.step >= self.total_steps:
       self.log(f"training already complete ({st.step} steps)")
       return
     self._stop_if_requested(f"before training step {st.step + 1}")
-    progress = R.Progress(self.total_steps, st.step, cfg.quiet, history)
+    progress = R.Progress(self.total_steps, st.step, cfg.quiet or not self.procs.is_main, history)
     warned = False
     loop_start = R.now() - st.elapsed_s
     self.saved_step = self.first_step
     try:
-      with R.MetricsWriter(metrics_path) as writer:
+      with (R.MetricsWriter(metrics_path) if self.procs.is_main else R.NullWriter()) as writer:
         for k in range(st.step, self.total_steps):
           batch = D.make_batch([self.train_enc[i] for i in self.order.indices(k)],
                                cfg.seq_len, self.formatter.pad_id)
@@ -456,7 +492,7 @@ class Run:
           self.records.append(rec)
           if cfg.save_every and st.step % cfg.save_every == 0 and st.step < self.total_steps:
             self._checkpoint()
-          if self.stop.signum is not None and st.step < self.total_steps:
+          if st.step < self.total_steps and self._stop_signal() is not None:
             # Preempted: the step is done and logged; keep it, then stop.
             if self.saved_step != st.step:
               self._checkpoint()
@@ -478,17 +514,22 @@ class Run:
   def _export(self) -> None:
     t0 = R.now()
     final = os.path.join(self.out, "model")
+    if not self.procs.is_main:
+      self.backend.export_hf(None)  # FSDP2: this process's shards to gather (DDP: nothing)
+      self.procs.barrier()
+      return
 
     def build(tmp: str) -> None:
       self.backend.export_hf(tmp)
       self.tokenizer.save_pretrained(tmp)
 
     ck.build_dir_atomic(final, build, "model")
+    self.procs.barrier()
     self.timings["export_s"] = R.now() - t0
     self.log(f"exported the fine-tuned model to {final}")
 
   def _pictures(self) -> None:
-    if not self.cfg.plots:
+    if not self.cfg.plots or not self.procs.is_main:
       return
     title = f"{self.cfg.method} on {self.cfg.model.description} ({self.cfg.backend})"
     if self.records:
@@ -501,6 +542,8 @@ class Run:
       self.log(f"note: no subnets.png (method {self.cfg.method} has no LoSiA subnets)")
 
   def _write_summary(self, after: Optional[dict[str, Any]]) -> None:
+    if not self.procs.is_main:
+      return
     st, before = self.state, self.state.eval_before
     measured = [r for r in self.records if r["step"] > self.first_step + 1]
     steady_tokens = sum(r["tokens"] for r in measured)

@@ -50,6 +50,19 @@ class MetricsWriter:
     self.close()
 
 
+class NullWriter(MetricsWriter):
+  """Writes nothing (torchrun's processes other than rank 0)."""
+
+  def __init__(self):  # pylint: disable=super-init-not-called
+    self.path = None
+
+  def write(self, record: dict[str, Any]) -> None:
+    del record
+
+  def close(self) -> None:
+    pass
+
+
 def read_metrics(path: str) -> list[dict[str, Any]]:
   """The records of ``metrics.jsonl``; a torn last line (crash mid-write) is ignored."""
   if not os.path.exists(path):

@@ -25,11 +25,15 @@ DRIVER_FORMAT = 1
 # Settings a resumed run may change: they do not touch the training trajectory.
 # Gradient checkpointing only recomputes activations (same loss and gradients, bit
 # for bit on the CPU): a run that ran out of memory may continue with it.
+# The JAX device count only re-lays the same arrays (Orbax restores onto any mesh) and
+# splits the same global batch: a run saved on 4 devices may continue on 2 or 1. (The
+# torch process count is no setting at all: a DDP checkpoint is one process's files.)
 SOFT_FIELDS = frozenset({"output_dir", "resume", "resume_from", "quiet", "plots", "export",
-                         "save_every", "keep_checkpoints", "explicit", "gradient_checkpointing"})
+                         "save_every", "keep_checkpoints", "explicit", "gradient_checkpointing",
+                         "devices"})
 # Settings added after the first checkpoints were written, with the value those
 # runs used: a checkpoint that lacks one was made with that value.
-ADDED_DEFAULTS = {"grad_accum": 1, "precision": "fp32"}
+ADDED_DEFAULTS = {"grad_accum": 1, "precision": "fp32", "fsdp": False}
 # Settings compared by content (fingerprints) rather than by their paths, and the
 # run's length, compared as its total steps (--steps or --epochs).
 PATH_FIELDS = frozenset({"model", "data", "eval_data", "losia_config"})

@@ -39,8 +39,9 @@ def name(signum: int) -> str:
 class StopSignals:
   """Context manager: installs the handlers (main thread only) and restores the old ones."""
 
-  def __init__(self):
+  def __init__(self, announce: bool = True):
     self.signum: Optional[int] = None
+    self.announce = announce  # False: torchrun's other processes (rank 0 says it)
     self._old: dict[int, object] = {}
 
   def _handle(self, signum, frame) -> None:
@@ -49,6 +50,8 @@ class StopSignals:
       raise KeyboardInterrupt  # the second Ctrl-C: stop now
     if self.signum is None:
       self.signum = signum
+      if not self.announce:
+        return
       # os.write, not print: a handler may run in the middle of another print.
       os.write(2, f"\nlosia-finetune: {name(signum)} received; stopping after the current "
                   "step with a checkpoint (Ctrl-C again to stop at once)\n".encode())

@@ -17,6 +17,12 @@ Checkpoint layout (one directory, written whole by :meth:`TorchBackend.save_chec
 - ``optimizer.pt``: optimizer and LR-scheduler state dicts, and the torch RNG
   state (loadable with ``weights_only=True``);
 - ``backend.json``: format version, backend, method, step, LoSiA config.
+
+Under torchrun (``losia_cli.torch_parallel``) each process trains on its rows of
+every batch, with DDP (the checkpoint above, written by rank 0) or FSDP2
+(``fsdp=True``: ``dcp/``, a ``torch.distributed.checkpoint`` directory of every
+process's shards, plus ``trainer.pt`` with the scheduler and RNG state, and
+``backend.json``).
 """
 
 from __future__ import annotations
@@ -36,8 +42,9 @@ import transformers
 
 import losia_torch
 from losia_cli import data as _data
-from losia_cli.backend import (BACKEND_OF_METHOD, METHODS, PRECISIONS, Batch, ModelSource,
-                               TrainSettings)
+from losia_cli import torch_parallel as _par
+from losia_cli.backend import (BACKEND_OF_METHOD, FSDP_METHODS, METHODS, PRECISIONS, Batch,
+                               ModelSource, TrainSettings)
 from losia_cli.schedules import lr_multiplier
 from losia_common import LoSiAConfig
 from losia_common import names as _names
@@ -48,6 +55,7 @@ GENERATE_CHUNK = 32  # prompts per generate() call: bounds the padded batch's me
 _MODEL_FILE = "model.safetensors"
 _OPTIMIZER_FILE = "optimizer.pt"
 _META_FILE = "backend.json"
+_TRAINER_FILE = "trainer.pt"  # FSDP2 checkpoints: scheduler and RNG (the rest is in dcp/)
 
 
 def masked_next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor,
@@ -83,16 +91,17 @@ def _without_gguf(config: transformers.PretrainedConfig) -> transformers.Pretrai
 
 
 def _plain_copy(model: transformers.PreTrainedModel,
-                state_dict: Optional[dict[str, torch.Tensor]] = None
-                ) -> transformers.PreTrainedModel:
-  """A fresh ``type(model)`` on the CPU holding ``state_dict`` (default: the model's).
+                state_dict: Optional[dict[str, torch.Tensor]] = None,
+                cls: Optional[type] = None) -> transformers.PreTrainedModel:
+  """A fresh ``cls`` (default ``type(model)``) on the CPU holding ``state_dict``
+  (default: the model's).
 
   The documented way around ``save_pretrained`` refusing a model loaded from
   GGUF; it also drops anything attached to the training model (LoSiA-Pro
-  forwards, PEFT wrappers).
+  forwards, PEFT wrappers; FSDP2, which swaps the class of what it shards).
   """
   with torch.random.fork_rng(devices=[]):  # its random init must not shift the training RNG
-    fresh = type(model)(_without_gguf(model.config))
+    fresh = (cls or type(model))(_without_gguf(model.config))
   fresh.load_state_dict(model.state_dict() if state_dict is None else state_dict, strict=True)
   fresh.generation_config = copy.deepcopy(model.generation_config)
   return fresh.eval()
@@ -163,6 +172,9 @@ def _lora_target_modules(model: torch.nn.Module, losia_config) -> list[str]:
 
 
 def _tensor_bytes(obj: Any) -> int:
+  """Bytes held by this process (a DTensor: its local shard)."""
+  if hasattr(obj, "to_local"):
+    obj = obj.to_local()
   if isinstance(obj, torch.Tensor):
     return obj.numel() * obj.element_size()
   if isinstance(obj, dict):
@@ -206,9 +218,17 @@ class TorchBackend:
       raise ValueError(f"grad_accum must be >= 1; got {settings.grad_accum}")
     self.source = source
     self.settings = settings
-    self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # Under torchrun: this process's share (losia_cli.torch_parallel); None alone.
+    self.parallel = _par.DataParallel(settings.fsdp) if _par.process_group_active() else None
+    if settings.fsdp and self.parallel is None:
+      raise ValueError("fsdp needs a torch.distributed process group of several processes "
+                       "(torchrun --nproc-per-node N)")
+    if device is None and torch.cuda.is_available():
+      device = f"cuda:{torch.cuda.current_device()}"  # torchrun: the LOCAL_RANK's GPU
+    self.device = torch.device(device or "cpu")
     torch.manual_seed(settings.seed)
     base = load_model(source).to(self.device)
+    self._model_class = type(base)  # FSDP2 swaps the class of the modules it shards
     self.base_model = base  # the transformers model (inside the PEFT wrapper for LoRA)
     self._export_generation_config = copy.deepcopy(base.generation_config)
     # Greedy-only generation config: a checkpoint's sampling defaults (temperature,
@@ -224,12 +244,19 @@ class TorchBackend:
       _enable_checkpointing(base)
 
     s = settings
+    if self.parallel is not None and self.parallel.fsdp:
+      if s.method not in FSDP_METHODS:
+        raise ValueError(f"method {s.method!r} does not run under FSDP2 (fsdp); "
+                         f"{', '.join(FSDP_METHODS)} do")
+      self.parallel.shard(base)  # before the optimizer, which must see the DTensors
     self.losia_opt: Optional[losia_torch.LoSiAOptimizer] = None
     if s.method in ("losia", "losia-pro"):
       self.model = base
+      # Under torchrun Pro is switched on after wrapping (below): what it attaches to
+      # is the wrapper that averages gradients.
       self.losia_opt = losia_torch.get_losia_optimizer(
-          base, s.losia, lr=s.lr, weight_decay=s.weight_decay, pro=s.method == "losia-pro",
-          verbose=False)
+          base, s.losia, lr=s.lr, weight_decay=s.weight_decay,
+          pro=s.method == "losia-pro" and self.parallel is None, verbose=False)
       self.optimizer: torch.optim.Optimizer = self.losia_opt
     elif s.method == "full":
       self.model = base
@@ -255,6 +282,15 @@ class TorchBackend:
     self.scheduler = torch.optim.lr_scheduler.LambdaLR(
         self.optimizer,
         lambda step: lr_multiplier(step, s.lr_schedule, s.warmup_steps, s.total_steps))
+    if self.parallel is not None and not self.parallel.fsdp:
+      # After the optimizer: LoSiA's frozen non-targets must be frozen when DDP is built.
+      self.parallel.wrap(self.model, self.device)
+    if self.parallel is not None and s.method == "losia-pro":
+      # The library raises NotImplementedError where Pro cannot run (make_backend: one line).
+      names = self.losia_opt.enable_pro(self.parallel.module)
+      self.losia_opt.report += (f"\n  LoSiA-Pro: {len(names)} of "
+                                f"{len(self.losia_opt.plan.targets)} targets use the compact "
+                                "backward")
 
   # --- reports -------------------------------------------------------------------
 
@@ -308,6 +344,8 @@ class TorchBackend:
       how += ", gradient checkpointing"
     lines = [(f"model: {self.source.description} ({self.source.kind}), "
               f"{self.model_params:,} parameters, {how} on {self.device}")]
+    if self.parallel is not None:
+      lines.append(f"across processes: {self.parallel.describe()}")
     if self.losia_opt is not None:
       c = s.losia
       lines.append(f"method: {s.method} (rank_factor {c.rank_factor}, output_rank_factor "
@@ -322,8 +360,9 @@ class TorchBackend:
     n = self.trainable_params()
     lines.append(f"trainable parameters: {n:,} ({n / max(self.model_params, 1):.2%} of the model)")
     nbytes, exact = self.optimizer_state_bytes()
-    lines.append(f"optimizer state: {_mib(nbytes)}" + ("" if exact else " (estimate before the "
-                                                         "first step)"))
+    per = " per process" if self.parallel is not None and self.parallel.fsdp else ""
+    lines.append(f"optimizer state{per}: {_mib(nbytes)}" + (
+        "" if exact else " (estimate before the first step)"))
     return "\n".join(lines)
 
   def subnets(self) -> Optional[dict[str, tuple[np.ndarray, np.ndarray]]]:
@@ -344,9 +383,10 @@ class TorchBackend:
     ids = torch.as_tensor(np.asarray(batch.input_ids), dtype=torch.int64, device=dev)
     attn = torch.as_tensor(np.asarray(batch.attention_mask), dtype=torch.int64, device=dev)
     mask = torch.as_tensor(np.asarray(batch.loss_mask), dtype=torch.float32, device=dev)
+    forward = self.parallel.module if self.parallel is not None else self.model
     with torch.autocast(dev.type, dtype=torch.bfloat16,
                         enabled=self.settings.precision == "bf16"):
-      logits = self.model(input_ids=ids, attention_mask=attn, use_cache=False).logits
+      logits = forward(input_ids=ids, attention_mask=attn, use_cache=False).logits
     return masked_next_token_loss(logits, ids, mask)
 
   def _forward_backward(self, batch: Batch) -> float:
@@ -357,6 +397,8 @@ class TorchBackend:
     backward, so the summed gradient is that of the whole batch's token mean.
     """
     n = self.settings.grad_accum
+    if self.parallel is not None:
+      return self._forward_backward_shared(batch, n)
     if n == 1:
       loss = self._micro_loss(batch)
       loss.backward()
@@ -372,6 +414,20 @@ class TorchBackend:
       value += float(loss.detach())
     return value
 
+  def _forward_backward_shared(self, batch: Batch, n: int) -> float:
+    """Under torchrun: this process's rows of each micro-batch, weighted so that the
+    averaged gradient is the global batch's (``losia_cli.torch_parallel``)."""
+    par = self.parallel
+    parts, total = par.my_parts(batch, n)
+    value = 0.0
+    for i, part in enumerate(parts):
+      share = _data.loss_tokens(part) / total if total > 0 else 0.0
+      with par.accumulating(last=i == len(parts) - 1):
+        loss = self._micro_loss(part)
+        (loss * (share * par.world)).backward()
+      value += float(loss.detach()) * share
+    return par.sum(value, self.device)
+
   def train_step(self, batch: Batch) -> dict[str, float]:
     self.model.train()
     lr = float(self.optimizer.param_groups[0]["lr"])  # the rate this step uses
@@ -384,6 +440,8 @@ class TorchBackend:
       else:
         grad_norm = torch.nn.utils.clip_grad_norm_(
             [p for p in self.model.parameters() if p.requires_grad], self.settings.max_grad_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: the norm of all shards
+          grad_norm = grad_norm.full_tensor()
       out["grad_norm"] = float(grad_norm)
     if self.losia_opt is not None:
       before = self.losia_opt.num_skipped_steps
@@ -421,6 +479,8 @@ class TorchBackend:
     gen_config = transformers.GenerationConfig(
         do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
         pad_token_id=pad, bos_token_id=self.base_model.config.bos_token_id)
+    # FSDP2: every process runs every forward (each all-gathers the layers), in step.
+    synced = {"synced_gpus": True} if self.parallel is not None and self.parallel.fsdp else {}
     results: list[list[int]] = []
     for start in range(0, len(prompts), GENERATE_CHUNK):
       chunk = prompts[start:start + GENERATE_CHUNK]
@@ -431,7 +491,7 @@ class TorchBackend:
         ids[i, width - len(p):] = torch.as_tensor(p, dtype=torch.int64)
         attn[i, width - len(p):] = 1
       seqs = self.model.generate(input_ids=ids.to(self.device), attention_mask=attn.to(self.device),
-                                 generation_config=gen_config)
+                                 generation_config=gen_config, **synced)
       for row in seqs[:, width:].tolist():
         if eos_token_id is not None and eos_token_id in row:
           row = row[:row.index(eos_token_id)]
@@ -440,23 +500,56 @@ class TorchBackend:
 
   # --- checkpoints -------------------------------------------------------------
 
-  def save_checkpoint(self, directory: str) -> None:
-    os.makedirs(directory)  # must not exist: the driver renames it into place afterwards
-    # save_model stores tied (shared) tensors once; save_file would refuse them.
-    safetensors.torch.save_model(self.model, os.path.join(directory, _MODEL_FILE))
+  def _rng_state(self) -> dict[str, torch.Tensor]:
     rng = {"cpu": torch.get_rng_state()}
     if self.device.type == "cuda":
       rng["cuda"] = torch.cuda.get_rng_state(self.device)
-    torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "rng": rng}, os.path.join(directory, _OPTIMIZER_FILE))
+    return rng
+
+  def _set_rng_state(self, rng: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and self.device.type == "cuda":
+      torch.cuda.set_rng_state(rng["cuda"], self.device)
+
+  @property
+  def _sharded(self) -> bool:
+    return self.parallel is not None and self.parallel.fsdp
+
+  def save_checkpoint(self, directory: Optional[str]) -> None:
+    """Writes the checkpoint into ``directory`` (which must not exist yet).
+
+    Under torchrun every process calls it, rank 0 with the directory and the others
+    with None: with DDP rank 0 writes alone (every process holds the same state);
+    with FSDP2 every process writes its shards into rank 0's directory.
+    """
+    if self._sharded:
+      if self.parallel.is_main:
+        os.makedirs(directory)
+      directory = self.parallel.broadcast(directory)
+      self.parallel.save_sharded(directory, self.model, self.optimizer, self.losia_opt is not None)
+      if not self.parallel.is_main:
+        return
+      torch.save({"scheduler": self.scheduler.state_dict(), "rng": self._rng_state()},
+                 os.path.join(directory, _TRAINER_FILE))
+    elif directory is None:
+      return
+    else:
+      os.makedirs(directory)  # must not exist: the driver renames it into place afterwards
+      # save_model stores tied (shared) tensors once; save_file would refuse them.
+      safetensors.torch.save_model(self.model, os.path.join(directory, _MODEL_FILE))
+      torch.save({"optimizer": self.optimizer.state_dict(),
+                  "scheduler": self.scheduler.state_dict(), "rng": self._rng_state()},
+                 os.path.join(directory, _OPTIMIZER_FILE))
     meta = {"format": CHECKPOINT_FORMAT, "backend": self.name, "method": self.settings.method,
             "step": self.step, "stepped": self._stepped, "model": self.source.description,
-            "losia": self.settings.losia.to_dict() if self.losia_opt is not None else None}
+            "losia": self.settings.losia.to_dict() if self.losia_opt is not None else None,
+            "fsdp": self._sharded}
     with open(os.path.join(directory, _META_FILE), "w", encoding="utf-8") as f:
       json.dump(meta, f, indent=2)
       f.write("\n")
 
   def restore_checkpoint(self, directory: str) -> None:
+    """Restores :meth:`save_checkpoint`'s files (every process reads them under torchrun)."""
     with open(os.path.join(directory, _META_FILE), encoding="utf-8") as f:
       meta = json.load(f)
     if meta.get("backend") != self.name:
@@ -468,29 +561,43 @@ class TorchBackend:
     if meta.get("method") != self.settings.method:
       raise ValueError(f"{directory} was written by method {meta.get('method')!r}; this run "
                        f"uses {self.settings.method!r}")
-    safetensors.torch.load_model(self.model, os.path.join(directory, _MODEL_FILE), strict=True,
-                                 device=str(self.device))
-    # CPU first: the RNG state must stay a CPU tensor; load_state_dict moves the
-    # optimizer state onto the parameters' device.
-    ck = torch.load(os.path.join(directory, _OPTIMIZER_FILE), map_location="cpu",
-                    weights_only=True)
-    self.optimizer.load_state_dict(ck["optimizer"])
+    if bool(meta.get("fsdp", False)) != self._sharded:
+      raise ValueError(
+          f"{directory} holds FSDP2 shards (torch.distributed.checkpoint): resume it under "
+          "torchrun with --fsdp" if meta.get("fsdp") else
+          f"{directory} is a whole-model checkpoint; resume it without --fsdp")
+    if self._sharded:
+      self.parallel.load_sharded(directory, self.model, self.optimizer, self.losia_opt is not None)
+      ck = torch.load(os.path.join(directory, _TRAINER_FILE), map_location="cpu",
+                      weights_only=True)
+    else:
+      safetensors.torch.load_model(self.model, os.path.join(directory, _MODEL_FILE),
+                                   strict=True, device=str(self.device))
+      # CPU first: the RNG state must stay a CPU tensor; load_state_dict moves the
+      # optimizer state onto the parameters' device.
+      ck = torch.load(os.path.join(directory, _OPTIMIZER_FILE), map_location="cpu",
+                      weights_only=True)
+      self.optimizer.load_state_dict(ck["optimizer"])
     self.scheduler.load_state_dict(ck["scheduler"])
-    torch.set_rng_state(ck["rng"]["cpu"])
-    if "cuda" in ck["rng"] and self.device.type == "cuda":
-      torch.cuda.set_rng_state(ck["rng"]["cuda"], self.device)
+    self._set_rng_state(ck["rng"])
     self.step = int(meta["step"])
     self._stepped = bool(meta.get("stepped", self.step > 0))
 
-  def export_hf(self, directory: str) -> None:
-    if self.settings.method == "lora":
+  def export_hf(self, directory: Optional[str]) -> None:
+    """Writes the transformers model; under torchrun every process calls it (rank 0
+    with the directory, the others with None: FSDP2 gathers the shards onto rank 0)."""
+    if self._sharded:
+      state = self.parallel.full_state(self.model)
+    elif self.settings.method == "lora" and directory is not None:
       # Merge on a copy: merging in place and unmerging is not bit-exact in fp32,
       # and training may continue after an export.
       merged = copy.deepcopy(self.model).merge_and_unload()
       state = merged.state_dict()
     else:
       state = self.base_model.state_dict()
-    plain = _plain_copy(self.base_model, state)
+    if directory is None:
+      return
+    plain = _plain_copy(self.base_model, state, cls=self._model_class)
     plain.generation_config = copy.deepcopy(self._export_generation_config)
     with _quiet_transformers():
       plain.save_pretrained(directory)

@@ -240,6 +240,20 @@ def test_precision_accumulation_and_checkpointing_flags(tiny, capsys):
   assert "torch autocast" in text and "on fp32 weights" in text and "master copies" in text
 
 
+def test_device_flags(tiny, capsys):
+  c = A.parse_args(["--model", tiny])
+  assert (c.fsdp, c.devices) == (False, 1)
+  c = A.parse_args(["--model", tiny, "--backend", "torch", "--fsdp"])
+  assert c.fsdp and c.to_dict()["fsdp"] is True
+  c = A.parse_args(["--model", tiny, "--devices", "4", "--batch-size", "8"])
+  assert c.devices == 4 and c.batch_size == 8  # the global batch, split over the devices
+  assert main(["--help"]) == 0
+  text = " ".join(capsys.readouterr().out.split())
+  assert "torchrun --nproc-per-node N -m losia_cli --backend torch" in text
+  assert "--fsdp" in text and "FSDP2" in text and "--devices N" in text
+  assert "XLA_FLAGS=--xla_force_host_platform_device_count=N" in text
+
+
 # --- errors the driver finds before it builds a backend --------------------------------------
 
 def test_output_dir_is_a_file(tiny, tmp_path, capsys):
