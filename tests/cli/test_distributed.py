@@ -5,12 +5,14 @@ Real launches, as a user types them: ``python -m torch.distributed.run
 ``python -m losia_cli --backend jax --devices 4`` with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=4``. Each is compared with the
 single-process run of the same flags (run in this process): the same per-step
-losses and exported weights within 1e-5, the same LoSiA subnets through the
-relocalizations of every layer (``--period 1``: one per step). A checkpoint of
-such a run resumes under the same launch exactly (DDP: rank 0's ordinary
-checkpoint; FSDP2: torch.distributed.checkpoint shards), and a JAX checkpoint
-written on 4 devices continues on 2 and on 1. What cannot run as launched is
-refused in one line from rank 0 before any work.
+losses, clip norms (the gradient's size, which Adam's update would hide) and
+exported weights within 1e-5, the same LoSiA subnets through the relocalizations
+of every layer (``--period 1``: one per step). A checkpoint of such a run resumes
+under the same launch exactly (DDP: rank 0's ordinary checkpoint; FSDP2:
+torch.distributed.checkpoint shards), and a JAX checkpoint written on 4 devices
+continues on 2 and on 1. A SIGTERM that reaches one process stops both after the
+same step. What cannot run as launched is refused in one line from rank 0 before
+any work.
 """
 
 from __future__ import annotations
@@ -126,6 +128,11 @@ def losses(out):
   return [r["loss"] for r in R.read_metrics(os.path.join(out, "metrics.jsonl"))]
 
 
+def grad_norms(out):
+  """The torch backend's clip norms: the size of the gradient, which Adam's update hides."""
+  return [r.get("grad_norm") for r in R.read_metrics(os.path.join(out, "metrics.jsonl"))]
+
+
 def exported(out):
   return safetensors.numpy.load_file(os.path.join(out, "model", "model.safetensors"))
 
@@ -143,11 +150,13 @@ def assert_same_run(a, b, exact=False):
   wa, wb = exported(a), exported(b)
   assert wa.keys() == wb.keys()
   if exact:
-    assert la == lb
+    assert la == lb and grad_norms(a) == grad_norms(b)
     for k in wa:
       np.testing.assert_array_equal(wa[k], wb[k], err_msg=k)
   else:
     np.testing.assert_allclose(la, lb, rtol=0, atol=1e-5)
+    if None not in grad_norms(a) + grad_norms(b):
+      np.testing.assert_allclose(grad_norms(a), grad_norms(b), rtol=1e-5)
     for k in wa:
       np.testing.assert_allclose(wa[k], wb[k], rtol=0, atol=1e-5, err_msg=k)
   sa, sb = subnets(a), subnets(b)
@@ -237,12 +246,17 @@ def _signal_runner() -> int:
 
 
 def test_a_signal_to_one_process_stops_every_process_after_the_same_step(
-    tiny, data_file, torch_single, tmp_path):
+    tiny, data_file, tmp_path):
+  # with 2 micro-batches of 2 per step: each process 1 row of each, the first backward
+  # without DDP's all-reduce (no_sync), as one process accumulating the same 2 x 2
+  accumulate = ["--batch-size", "2", "--grad-accum", "2"]
+  single = tmp_path / "single"
+  assert main_mod.main(flags(tiny, data_file, "torch", single, *accumulate)) == 0
   out, ready = tmp_path / "preempted", str(tmp_path / "ready")
   env = _env(LOSIA_TEST_BLOCK_AT_STEP="2", LOSIA_TEST_READY_FILE=ready,
              LOSIA_TEST_SIGNAL_RANK="1")
   proc = _start(_torchrun() + ["-m", "tests.cli.test_distributed",
-                                *flags(tiny, data_file, "torch", out)], env)
+                                *flags(tiny, data_file, "torch", out, *accumulate)], env)
   with _stopped_at_the_end(proc):
     deadline = time.monotonic() + TIMEOUT
     while not os.path.exists(ready) and proc.poll() is None and time.monotonic() < deadline:
@@ -258,10 +272,10 @@ def test_a_signal_to_one_process_stops_every_process_after_the_same_step(
   assert os.path.join("losia_cli", "") not in err, err
   assert [name.name for name in sorted((out / "checkpoints").iterdir())] == [
       "step-000002", "step-000003"]
-  np.testing.assert_allclose(losses(out), losses(torch_single)[:3], rtol=0, atol=1e-5)
+  np.testing.assert_allclose(losses(out), losses(single)[:3], rtol=0, atol=1e-5)
   # the checkpoint rank 0 wrote when both stopped continues, here in one process
   assert main_mod.main(["--resume", "--output-dir", str(out), "--quiet"]) == 0
-  assert_same_run(torch_single, str(out))
+  assert_same_run(str(single), str(out))
 
 
 def test_torchrun_refuses_a_batch_it_cannot_split(tiny, data_file, tmp_path):
