@@ -5,6 +5,10 @@ real backend's ``train_step`` creates ``$LOSIA_TEST_READY_FILE`` and waits
 until the driver has recorded a stop signal (at most two minutes), then runs
 the step. The test sends a real SIGTERM from outside once the file exists, so
 the signal lands in the middle of a step however slow the machine is.
+
+Under torchrun, ``$LOSIA_TEST_SIGNAL_RANK`` names the one process that waits (the
+others go on into the step's collectives); the file holds its pid, so the test can
+signal that process alone.
 """
 
 import os
@@ -18,6 +22,8 @@ from losia_cli import signals
 def _main() -> int:
   block_at = int(os.environ["LOSIA_TEST_BLOCK_AT_STEP"])
   ready = os.environ["LOSIA_TEST_READY_FILE"]
+  rank = os.environ.get("LOSIA_TEST_SIGNAL_RANK")
+  mine = rank is None or os.environ.get("RANK") == rank
   real = main_mod.make_backend
 
   def make_backend(cfg, settings):
@@ -25,9 +31,10 @@ def _main() -> int:
     step = backend.train_step
 
     def train_step(batch):
-      if backend.step == block_at:
-        with open(ready, "w"):
-          pass
+      if mine and backend.step == block_at:
+        with open(ready + ".tmp", "w", encoding="utf-8") as f:
+          f.write(str(os.getpid()))
+        os.replace(ready + ".tmp", ready)
         deadline = time.monotonic() + 120
         while not signals.stop_requested() and time.monotonic() < deadline:
           time.sleep(0.02)

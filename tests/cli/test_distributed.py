@@ -17,7 +17,6 @@ any work.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -31,7 +30,7 @@ import safetensors.numpy
 
 from losia_cli import main as main_mod
 from losia_cli import report as R
-from tests.cli.tiny_model import make_tiny_model
+from tests.cli.test_cli_e2e import data_file, tiny  # noqa: F401 (the same fixtures)
 
 pytestmark = pytest.mark.slow
 
@@ -41,21 +40,6 @@ RESUME_AT = 4
 TIMEOUT = 600  # a hung collective must fail the test, not the CI job
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-  return make_tiny_model(str(tmp_path_factory.mktemp("tiny") / "model"))
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-  path = tmp_path_factory.mktemp("data") / "sums.jsonl"
-  rng = np.random.default_rng(0)
-  lines = []
-  for _ in range(40):
-    a, b = (int(x) for x in rng.integers(0, 10, 2))
-    lines.append(json.dumps({"prompt": f"{a}+{b}=", "response": str(a + b)}) + "\n")
-  path.write_text("".join(lines))
-  return str(path)
 
 
 def flags(tiny, data_file, backend, out, *extra):
@@ -212,39 +196,6 @@ def test_torchrun_equals_one_process_and_resumes_exactly(tiny, data_file, torch_
   assert_same_run(str(out), str(resumed), exact=True)
 
 
-def _signal_runner() -> int:
-  """``torchrun ... -m tests.cli.test_distributed FLAGS``: losia-finetune in which the
-  process of rank ``$LOSIA_TEST_SIGNAL_RANK``, inside 0-based step
-  ``$LOSIA_TEST_BLOCK_AT_STEP``, writes its pid to ``$LOSIA_TEST_READY_FILE`` and waits
-  (at most two minutes) until its driver has recorded a stop signal, which the test
-  sends to that process alone; the other process is then waiting in the step's
-  gradient all-reduce."""
-  from losia_cli import signals
-  block_at = int(os.environ["LOSIA_TEST_BLOCK_AT_STEP"])
-  ready = os.environ["LOSIA_TEST_READY_FILE"]
-  mine = os.environ["RANK"] == os.environ["LOSIA_TEST_SIGNAL_RANK"]
-  real = main_mod.make_backend
-
-  def make_backend(cfg, settings):
-    backend = real(cfg, settings)
-    step = backend.train_step
-
-    def train_step(batch):
-      if mine and backend.step == block_at:
-        with open(ready + ".tmp", "w", encoding="utf-8") as f:
-          f.write(str(os.getpid()))
-        os.replace(ready + ".tmp", ready)
-        deadline = time.monotonic() + 120
-        while not signals.stop_requested() and time.monotonic() < deadline:
-          time.sleep(0.02)
-      return step(batch)
-    backend.train_step = train_step
-    return backend
-
-  main_mod.make_backend = make_backend
-  return main_mod.main(sys.argv[1:])
-
-
 def test_a_signal_to_one_process_stops_every_process_after_the_same_step(
     tiny, data_file, tmp_path):
   # with 2 micro-batches of 2 per step: each process 1 row of each, the first backward
@@ -255,7 +206,7 @@ def test_a_signal_to_one_process_stops_every_process_after_the_same_step(
   out, ready = tmp_path / "preempted", str(tmp_path / "ready")
   env = _env(LOSIA_TEST_BLOCK_AT_STEP="2", LOSIA_TEST_READY_FILE=ready,
              LOSIA_TEST_SIGNAL_RANK="1")
-  proc = _start(_torchrun() + ["-m", "tests.cli.test_distributed",
+  proc = _start(_torchrun() + ["-m", "tests.cli.preempt_runner",
                                 *flags(tiny, data_file, "torch", out, *accumulate)], env)
   with _stopped_at_the_end(proc):
     deadline = time.monotonic() + TIMEOUT
@@ -357,7 +308,3 @@ def test_jax_devices_equal_one_device_and_resume_on_fewer(tiny, data_file, tmp_p
   assert result.returncode == 2
   line = one_error_line(result.stderr)
   assert "4 devices asked, but JAX sees 2" in line and "--devices 2" in line, line
-
-
-if __name__ == "__main__":
-  sys.exit(_signal_runner())
