@@ -424,6 +424,11 @@ class Harness:
 
   def execute(self, run: Run, keep_model: bool) -> dict[str, Any]:
     out = os.path.join(self.o.runs_dir, run.key)
+    os.makedirs(self.o.runs_dir, exist_ok=True)
+    with _RunLock(out + ".lock"):
+      return self._execute(run, out, keep_model)
+
+  def _execute(self, run: Run, out: str, keep_model: bool) -> dict[str, Any]:
     summary = os.path.join(out, "summary.json")
     t0 = time.time()
     if not os.path.exists(summary):
@@ -568,6 +573,55 @@ class Harness:
     quality_report.write(self.state, self.o.report, vars(self.o), METHODS, ABLATIONS,
                          notes=FINDINGS_PATH)
     print(f"wrote {self.o.report}", flush=True)
+
+
+class _RunLock:
+  """One harness process per run directory.
+
+  Two invocations (say, a sitting and a side-by-side one with its own ``--json``) may
+  plan the same run; the second would resume from the first's checkpoints into the
+  same directory and both would write it. The lock file holds the owner's pid; a lock
+  whose process is gone (a killed sitting) is taken over.
+  """
+
+  def __init__(self, path: str):
+    self.path = path
+
+  def __enter__(self) -> "_RunLock":
+    for _ in range(2):
+      try:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+      except FileExistsError:
+        try:
+          with open(self.path, encoding="utf-8") as f:
+            pid = int(f.read().strip() or 0)
+        except (OSError, ValueError):
+          pid = 0
+        if pid and _alive(pid):
+          raise RuntimeError(f"another harness process (pid {pid}) is running this run "
+                             f"({self.path}); it is left to that one") from None
+        os.remove(self.path)  # stale: its process is gone
+        continue
+      with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(str(os.getpid()))
+      return self
+    raise RuntimeError(f"could not take the run lock {self.path}")
+
+  def __exit__(self, *exc) -> None:
+    try:
+      os.remove(self.path)
+    except FileNotFoundError:
+      pass
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
 
 
 def _selection_key(res: dict[str, Any]) -> tuple[float, float]:

@@ -229,3 +229,22 @@ def test_gradient_share_runs_on_a_tiny_model(tmp_path):
       for k in ("losia", "oracle_block", "random", "rank8", "rank_matched", "losia_l1",
                 "oracle_block_l1", "random_l1"):
         assert 0.0 <= row[k] <= 1.0 + 1e-9
+
+
+def test_a_run_another_harness_process_is_running_is_left_to_it(tmp_path):
+  """Two invocations planning the same run: the second refuses it (no second process in
+  the same run directory); a lock left by a process that is gone is taken over."""
+  quality = _load_harness()
+  lock = str(tmp_path / "run.lock")
+  with quality._RunLock(lock):
+    assert open(lock).read() == str(os.getpid())
+    with pytest.raises(RuntimeError, match=f"pid {os.getpid()}"):
+      quality._RunLock(lock).__enter__()
+  assert not os.path.exists(lock)
+  import subprocess
+  gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True).stdout.strip()
+  with open(lock, "w") as f:
+    f.write(gone)
+  with quality._RunLock(lock):
+    assert open(lock).read() == str(os.getpid())
