@@ -91,17 +91,6 @@ def set_block(x: jax.Array, spec: TargetSpec, rows: jax.Array, cols: jax.Array,
   return x.at[block_index(spec, rows, cols)].set(_native(block, spec).astype(x.dtype), **_FLAGS)
 
 
-def set_layer_block(m: jax.Array, spec: TargetSpec, r: jax.Array, c: jax.Array,
-                    block: jax.Array) -> jax.Array:
-  """A copy of one layer's matrix ``m`` whose block (indices ``r``, ``c``) is ``block``."""
-  return m.at[_matrix_index(spec, r, c)].set(block.astype(m.dtype), **_FLAGS)
-
-
-def get_layer_block(m: jax.Array, spec: TargetSpec, r: jax.Array, c: jax.Array) -> jax.Array:
-  """One layer's block (``spec.block_shape``) of its matrix ``m``."""
-  return _take_block(m, spec, r, c)
-
-
 # --- buckets: all matrices of one role -----------------------------------------
 
 BlockWriter = Callable[[jax.Array, TargetSpec, jax.Array, jax.Array, jax.Array], jax.Array]

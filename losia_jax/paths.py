@@ -1,26 +1,22 @@
-"""The two ways a LoSiA step leaves the transformation.
+"""The two ways a LoSiA step writes its block deltas, after profiling has read the weights.
 
 - :func:`write_updates` (``tx.update``): parameter-shaped updates, zero outside
-  the blocks, for ``optax.apply_updates``. The params are not written, so they
-  are themselves the weights before the step (:class:`GivenWeights`), and
-  profiling reads them before the updates are made. Each update is a
-  scatter-*add* of the block into zeros, so that in one jit with
-  ``optax.apply_updates`` XLA folds ``p + scatter_add(0, block)`` into
-  ``scatter_add(p, block)``: an in-place write of the (donated) params, as on
-  the fused path. The updates wait for profiling (a data dependency on its
-  conditionals), so XLA sees every read of the old weights before that write
-  and copies none.
+  the blocks, for ``optax.apply_updates``. Each update is a scatter-*add* of
+  the block into zeros, so that in one jit with ``optax.apply_updates`` XLA
+  folds ``p + scatter_add(0, block)`` into ``scatter_add(p, block)``: an
+  in-place write of the (donated) params, like the fused path's.
 - :func:`write_params` (``tx.apply_gradients``): each compact update is
   scattered into the (donated) params in place; no parameter-sized update or
-  zero buffer exists. Profiling then reads the *updated* weights with the old
-  block values put back, which is bit-exact "weights before the step", where
-  reading them before the in-place scatter would make XLA copy every target
-  weight.
+  zero buffer exists.
 
-Profiling reads a :class:`~losia_jax.profiling.WeightsBefore`: :class:`GivenWeights`
-on the optax path, the fused path's output object (which also knows the new value
-of any block, for master weights). Both paths give the same state and
-bit-identical target weights.
+Profiling reads the params as the step receives them (the weights before the
+step), so every write must come after those reads: XLA copies a buffer that is
+read and written in place unless the write depends on the read (measured: two
+copies of every target weight per step). Both writers take ``read``, the step's
+``finite`` as the profiling conditionals that read the weights yield it
+(:func:`losia_jax.profiling._per_owner`), and pass every block through
+``where(read, ...)``: a no-op on the values that puts those reads before the
+write. Both paths give the same state and bit-identical target weights.
 """
 
 from __future__ import annotations
@@ -31,11 +27,9 @@ import jax
 import jax.numpy as jnp
 
 from losia_jax import blocks
-from losia_jax.gradients import CompactGradients, ProGradients
-from losia_jax.profiling import owner_slot
+from losia_jax.gradients import ProGradients
 from losia_jax.stages import BlockUpdates, StepReads
 from losia_jax.state import TargetState
-from losia_jax.steps import product
 from losia_jax.targets import Bucket, LoSiAPlan
 
 
@@ -43,6 +37,15 @@ def _rounded_masters(plan: LoSiAPlan, updates: BlockUpdates, weights: list) -> d
   """Master weights: the new blocks are the copies rounded to the parameter dtype."""
   return {b.role: updates.masters[b.role].astype(weights[b.first.leaf_index].dtype)
           for b in plan.buckets}
+
+
+def _after_reads(read: jax.Array, payload: dict[str, jax.Array],
+                 unread: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """``payload``, made to depend on ``read`` (True whenever the step is finite).
+
+  ``unread`` is what the payload already is when the step is skipped (``read``
+  False): zeros for a delta, the old block for a block that is set."""
+  return {r: jnp.where(read, p, unread[r]) for r, p in payload.items()}
 
 
 def _written(plan: LoSiAPlan, targets: dict[str, TargetState], weights: list,
@@ -53,29 +56,6 @@ def _written(plan: LoSiAPlan, targets: dict[str, TargetState], weights: list,
     ts = targets[b.role]  # this step used the indices from before relocalization
     blocks.write_bucket(out, b, ts.rows, ts.cols, payload[b.role], write)
   return out
-
-
-class GivenWeights:
-  """The optax path's :class:`~losia_jax.profiling.WeightsBefore`: the params' leaves as
-  given, unchanged.
-
-  Attributes:
-    weights: the params' leaves.
-  """
-
-  def __init__(self, weights: list):
-    self.weights = weights
-
-  @property
-  def leaves(self) -> list:
-    return self.weights
-
-  def member(self, bucket: Bucket, member: int) -> jax.Array:
-    return self.weights[bucket.members[member].leaf_index]
-
-  def restore_old_block(self, bucket, products, clipped):
-    del bucket, clipped
-    return products  # products were read from the weights before the step
 
 
 class UpdatesOutput:
@@ -105,21 +85,14 @@ class UpdatesOutput:
 def write_updates(reads: StepReads, targets: dict[str, TargetState], updates: BlockUpdates,
                   params: Any, grads: Any, master_weights: bool, read: jax.Array
                   ) -> UpdatesOutput:
-  """The optax path: the block deltas as parameter-shaped updates.
-
-  ``read`` is ``reads.finite`` as the profiling conditionals that read the weights
-  yield it. Every update goes through ``where(read, ...)``, a no-op that makes
-  it, hence the in-place ``scatter_add(p, block)`` that XLA makes of
-  ``optax.apply_updates`` in the same jit, depend on those reads. Without that
-  order XLA copies every target weight (twice) to keep them safe.
-  """
+  """The optax path: the block deltas as parameter-shaped updates, after ``read``."""
   weights = jax.tree_util.tree_leaves(params)
   if master_weights:  # the update that takes each block to its rounded copy
     rounded = _rounded_masters(reads.plan, updates, weights)
     payload = {r: m - reads.old_blocks[r] for r, m in rounded.items()}
   else:
     payload = updates.deltas
-  payload = {r: jnp.where(read, d, jnp.zeros_like(d)) for r, d in payload.items()}
+  payload = _after_reads(read, payload, jax.tree.map(jnp.zeros_like, payload))
   out = _written(reads.plan, targets, weights, payload, blocks.scatter_block)
   # updates take the structure of the gradients (of the params for Pro gradients)
   treedef = jax.tree_util.tree_structure(params if isinstance(grads, ProGradients) else grads)
@@ -131,38 +104,10 @@ class ParamsOutput:
 
   Attributes:
     params: the new leaves (blocks and trained non-targets written).
-    reads, targets: what the step read, and the indices it wrote with.
   """
 
-  def __init__(self, params: list, treedef: Any, reads: StepReads,
-               targets: dict[str, TargetState]):
-    self.params, self.treedef, self.reads, self.targets = params, treedef, reads, targets
-
-  # --- WeightsBefore: the updated weights with the old blocks put back
-  @property
-  def leaves(self) -> list:
-    return self.params
-
-  def member(self, bucket: Bucket, member: int) -> jax.Array:
-    t, ts = bucket.members[member], self.targets[bucket.role]
-    span = lambda x: blocks.member_span(x, bucket, member)
-    return blocks.set_block(self.params[t.leaf_index], t, span(ts.rows), span(ts.cols),
-                            span(self.reads.old_blocks[bucket.role]))
-
-  def restore_old_block(self, bucket: Bucket, products: jax.Array, clipped) -> jax.Array:
-    """``products`` of the updated profiling matrix with its block's entries recomputed
-    from the old block. The old block goes into the product ``W ⊙ G`` (a fresh
-    temporary), not into a copy of the weight."""
-    t, ts, reads = bucket.first, self.targets[bucket.role], self.reads
-    position = owner_slot(bucket, reads.plan, reads.owner).position
-    rows, cols = ts.rows[position], ts.cols[position]
-    if isinstance(reads.grads, CompactGradients) and not t.row_mode:
-      # Pro: the block of the profiling layer's own full gradient
-      g = blocks.get_layer_block(clipped(reads.grads.grads.profile[bucket.role]), t, rows, cols)
-    else:  # the (clipped) gradient block this step gathered
-      g = reads.grad_blocks[bucket.role][position]
-    old = product(reads.old_blocks[bucket.role][position], g)
-    return blocks.set_layer_block(products, t, rows, cols, old)
+  def __init__(self, params: list, treedef: Any):
+    self.params, self.treedef = params, treedef
 
   def block_after(self, bucket: Bucket, ts: TargetState) -> jax.Array:
     return blocks.gather_bucket(self.params, bucket, ts.rows, ts.cols)
@@ -174,16 +119,18 @@ class ParamsOutput:
 
 
 def write_params(reads: StepReads, targets: dict[str, TargetState], updates: BlockUpdates,
-                 params: Any, master_weights: bool) -> ParamsOutput:
+                 params: Any, master_weights: bool, read: jax.Array) -> ParamsOutput:
   """The fused path: the block deltas added into the params (or the rounded master copies
-  set), in place when the params are donated."""
+  set), in place when the params are donated, after ``read``."""
   weights, treedef = jax.tree_util.tree_flatten(params)
-  if master_weights:
-    out = _written(reads.plan, targets, weights, _rounded_masters(reads.plan, updates, weights),
-                   blocks.set_block)
+  if master_weights:  # a skipped step sets each block to its copy: the old block
+    rounded = _rounded_masters(reads.plan, updates, weights)
+    out = _written(reads.plan, targets, weights,
+                   _after_reads(read, rounded, reads.old_blocks), blocks.set_block)
   else:
-    out = _written(reads.plan, targets, weights, updates.deltas, blocks.add_block)
+    deltas = _after_reads(read, updates.deltas, jax.tree.map(jnp.zeros_like, updates.deltas))
+    out = _written(reads.plan, targets, weights, deltas, blocks.add_block)
   for k, i in reads.plan.non_targets:
     if k in updates.non_target:
       out[i] = updates.non_target[k]  # already the new weight
-  return ParamsOutput(out, treedef, reads, targets)
+  return ParamsOutput(out, treedef)

@@ -17,9 +17,10 @@ order the step asks them (:mod:`losia_jax.transform`):
    profiling matrices read finite, and their squared norm (for ``clip_norm``);
 2. :meth:`~AsyncSchedule.read_sq_norm` — the squared norm of every target
    gradient value the step reads;
-3. :meth:`~AsyncSchedule.profile` — the importance buffers after this step, and
-   ``finite`` again, as the conditionals that read the weights yield it (the
-   optax path's updates wait for it: :mod:`losia_jax.paths`);
+3. :meth:`~AsyncSchedule.profile` — the importance buffers after this step, from
+   the weights before it (the params as given), and ``finite`` again, as the
+   conditionals that read the weights yield it (the writes wait for it:
+   :mod:`losia_jax.paths`);
 4. :meth:`~AsyncSchedule.relocalize` — new blocks and fresh inner states at
    the end of a window.
 
@@ -31,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple, Optional, Protocol
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -45,26 +46,6 @@ from losia_jax.selection import select_rows, select_subnet
 from losia_jax.state import LoSiAState, TargetState
 from losia_jax.steps import all_finite, product, sq_norm
 from losia_jax.targets import Bucket, LoSiAPlan, TargetSpec
-
-
-class WeightsBefore(Protocol):
-  """How importance reads the weights as they were before this step's update.
-
-  Implemented by the two output paths (:mod:`losia_jax.paths`): the optax path
-  never writes the params, so they are the weights before; the fused path has
-  already written the blocks in place and puts the old block values back.
-  """
-
-  leaves: list
-  """The leaves the products ``W ⊙ G`` of the profiling layer read (async)."""
-
-  def member(self, bucket: Bucket, member: int) -> jax.Array:
-    """The whole leaf of ``bucket.members[member]`` before the step (sync)."""
-
-  def restore_old_block(self, bucket: Bucket, products: jax.Array,
-                        clipped: Callable[[jax.Array], jax.Array]) -> jax.Array:
-    """``products`` (``W ⊙ G`` of the profiling matrix, async) with its block's entries
-    computed from the old block."""
 
 
 class OwnerSlot(NamedTuple):
@@ -168,10 +149,11 @@ class AsyncSchedule(_Schedule):
     return sq + owner_sq
 
   def profile(self, plan: LoSiAPlan, state: LoSiAState, grads: GradientView, owner: jax.Array,
-              finite: jax.Array, clip: Optional[jax.Array], before: WeightsBefore
+              finite: jax.Array, clip: Optional[jax.Array], weights: list
               ) -> tuple[dict[str, ImportanceState], jax.Array]:
-    """The buffers after this step: the profiling layer's ``W ⊙ G`` accumulated; and
-    ``finite``, as yielded by the conditionals that read the weights.
+    """The buffers after this step: the profiling layer's ``W ⊙ G`` (``weights`` before
+    the step) accumulated; and ``finite``, as yielded by the conditionals that read
+    the weights.
 
     Only the products of the owner's matrices come out of the layer switch; the
     buffers are updated outside it, elementwise and masked by whether the owner
@@ -190,10 +172,9 @@ class AsyncSchedule(_Schedule):
 
     none = lambda bucket: jnp.zeros(importance[bucket.role].ibar.shape, jnp.float32)
     products, read = _per_owner(plan, jnp.where(finite, owner, -1), products_of, none,
-                                before.leaves, grads.ops)
+                                weights, grads.ops)
     for b in plan.buckets:
-      p = before.restore_old_block(b, products[b.role], clipped)
-      importance[b.role] = self.accumulate(importance[b.role], p, fresh_window,
+      importance[b.role] = self.accumulate(importance[b.role], products[b.role], fresh_window,
                                            active=finite & holds_matrix(b, plan, owner))
     return importance, read
 
@@ -223,8 +204,11 @@ class AsyncSchedule(_Schedule):
       # the owner may hold no matrix of this role (e.g. the output layer)
       moves = due & (slot.member > 0)
 
+      # a dynamic-update-slice, not a scatter: XLA's CPU backend compiles every
+      # scatter into a kernel of its own (about 10 ms of compile time each)
       def at_owner(x, new, position=slot.position, moves=moves):
-        return x.at[position].set(jnp.where(moves, new, x[position]))
+        old = jax.lax.dynamic_index_in_dim(x, position, keepdims=False)
+        return jax.lax.dynamic_update_index_in_dim(x, jnp.where(moves, new, old), position, 0)
 
       rows, cols = new_indices[b.role]
       targets[b.role] = TargetState(at_owner(ts.rows, rows), at_owner(ts.cols, cols),
@@ -266,9 +250,10 @@ class SyncSchedule(_Schedule):
     return sq + jax.lax.cond(owner == 0, full, lambda grad_ops: blocks_sq, grads.ops)
 
   def profile(self, plan: LoSiAPlan, state: LoSiAState, grads: GradientView, owner: jax.Array,
-              finite: jax.Array, clip: Optional[jax.Array], before: WeightsBefore
+              finite: jax.Array, clip: Optional[jax.Array], weights: list
               ) -> tuple[dict[str, ImportanceState], jax.Array]:
-    """The buffers after this step: every target's ``W ⊙ G``, in one conditional; and
+    """The buffers after this step: every target's ``W ⊙ G`` (``weights`` before the
+    step), in one conditional; and
     ``finite``, with a data dependency on that conditional (it reads every weight)."""
     clipped = _clipper(clip)
     fresh_window = _fresh_window(state, self.config)
@@ -281,7 +266,7 @@ class SyncSchedule(_Schedule):
           shape = (t.n,) + t.slice_shape
           span = lambda x, j=j, b=b: blocks.member_span(x, b, j)
           new = self.accumulate(jax.tree.map(span, slot), product(
-              before.member(b, j).reshape(shape),
+              weights[t.leaf_index].reshape(shape),
               clipped(grad_ops[t.leaf_index]).reshape(shape)), fresh_window)
           start = b.offsets[j]
           slot = jax.tree.map(lambda buf, part: buf.at[start:start + part.shape[0]].set(part),

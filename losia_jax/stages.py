@@ -89,8 +89,8 @@ class StepReads(NamedTuple):
     grad_blocks: ``{role: fp32 [N, *block_shape]}`` each target's block gradient,
       clipped.
     old_blocks: ``{role: [N, *block_shape]}`` each block's weights before the step,
-      where the step needs them (decay, master weights, inner params, sync
-      profiling, the fused path); absent otherwise.
+      where the step needs them (decay, master weights, inner params); absent
+      otherwise.
   """
 
   plan: LoSiAPlan
@@ -128,7 +128,7 @@ class BlockUpdates(NamedTuple):
 
 
 def read_gradients(options: Options, schedule: Schedule, plan: LoSiAPlan, grads: Any,
-                   state: LoSiAState, weights: list, fused: bool) -> StepReads:
+                   state: LoSiAState, weights: list) -> StepReads:
   """Stage 1: the block gradients, whether the step is finite, and the clip factor.
 
   ``weights`` are the params' leaves as the step receives them.
@@ -137,25 +137,18 @@ def read_gradients(options: Options, schedule: Schedule, plan: LoSiAPlan, grads:
   count = state.count
   owner = slot_owner(count, options.config.period, plan.total)
   lr = options.learning_rate_at(count)
-  # Old blocks of every matrix are needed for weight decay, and in the fused path
-  # to restore "weights before the step" for profiling after the scatter.
-  need_old_blocks = (options.has_decay or options.inner_params or options.master_weights
-                     or not schedule.is_async or fused)
+  need_old_blocks = options.has_decay or options.inner_params or options.master_weights
 
   grad_blocks, old_blocks = {}, {}
-  finite = jnp.array(True)
   for b in plan.buckets:
     ts = state.targets[b.role]
     grad_blocks[b.role] = view.block(b, ts.rows, ts.cols).astype(jnp.float32)
-    finite = finite & jnp.all(jnp.isfinite(grad_blocks[b.role]))
-    if need_old_blocks and not (fused and schedule.is_async):
+    if need_old_blocks:
       old_blocks[b.role] = blocks.gather_bucket(weights, b, ts.rows, ts.cols)
   profiling_finite, profiling_sq = schedule.inspect_profiling(plan, view, owner)
-  finite = finite & profiling_finite
+  finite = all_finite(grad_blocks.values()) & profiling_finite
   if options.train_non_targets:
     finite = finite & all_finite(view.leaf(k, i) for k, i in plan.non_targets)
-  if fused and schedule.is_async:
-    old_blocks, finite = _old_blocks_before_the_write(plan, state, weights, finite)
 
   clip = None
   if options.clip_norm is not None:
@@ -167,29 +160,6 @@ def read_gradients(options: Options, schedule: Schedule, plan: LoSiAPlan, grads:
     clip = clip_factor(jnp.sqrt(sq), options.clip_norm)
     grad_blocks = {r: g * clip for r, g in grad_blocks.items()}
   return StepReads(plan, view, count, owner, lr, finite, clip, grad_blocks, old_blocks)
-
-
-def _old_blocks_before_the_write(plan: LoSiAPlan, state: LoSiAState, weights: list,
-                                 finite: jax.Array) -> tuple[dict[str, jax.Array], jax.Array]:
-  """Fused async path: the old blocks, gathered so that they are read before the write.
-
-  Profiling reads the old blocks again after the in-place scatter. Gathered in
-  a conditional that also yields ``finite``, on which every scatter depends,
-  they are read before the weights are written; gathered outside, XLA copies
-  every target weight. (Zeros when the step is skipped: unused.)
-  """
-  def read(target_leaves):
-    return {b.role: blocks.gather_bucket(target_leaves, b, state.targets[b.role].rows,
-                                         state.targets[b.role].cols)
-            for b in plan.buckets}, True
-
-  def skip(target_leaves):
-    return {b.role: jnp.zeros((b.size,) + b.first.block_shape,
-                              target_leaves[b.first.leaf_index].dtype)
-            for b in plan.buckets}, False
-
-  return jax.lax.cond(finite, read, skip, {t.leaf_index: weights[t.leaf_index]
-                                           for t in plan.targets})
 
 
 def update_blocks(options: Options, reads: StepReads, state: LoSiAState, weights: list,

@@ -13,11 +13,12 @@ One step (:meth:`LoSiAFunctions.step`) reads top to bottom:
    block gradient, whether every value the step reads is finite, the clip factor;
 2. update the blocks (:func:`~losia_jax.stages.update_blocks`): the inner
    optimizer, decoupled decay, rewarm and the learning rate;
-3. write the deltas (:mod:`losia_jax.paths`): into updates, or into the params;
-4. profile (:mod:`losia_jax.profiling`): importance from the weights before the step;
+3. profile (:mod:`losia_jax.profiling`): importance from the weights before the step;
+4. write the deltas (:mod:`losia_jax.paths`), after profiling's reads: into updates,
+   or into the params;
 5. relocalize (:mod:`losia_jax.profiling`) at the end of a window.
 
-``config.schedule`` picks the strategy of steps 4 and 5 (and of the checks in
+``config.schedule`` picks the strategy of steps 3 and 5 (and of the checks in
 step 1): :class:`~losia_jax.profiling.AsyncSchedule` or
 :class:`~losia_jax.profiling.SyncSchedule`.
 
@@ -49,7 +50,7 @@ from losia_common.subnet import initial_indices
 from losia_jax import blocks, misuse
 from losia_jax.gradients import ProGradients  # noqa: F401  (re-exported)
 from losia_jax.importance import zeros_importance
-from losia_jax.paths import GivenWeights, write_params, write_updates
+from losia_jax.paths import write_params, write_updates
 from losia_jax.profiling import Schedule, schedule_for
 from losia_jax.schedule import ends_slot
 from losia_jax.stages import Options, read_gradients, update_blocks
@@ -271,21 +272,18 @@ class LoSiAFunctions:
     plan = self.plan(params)
     weights = jax.tree_util.tree_leaves(params)
     # 1. the gradients: block gradients, finiteness (False skips the step), clip factor
-    reads = read_gradients(options, schedule, plan, grads, state, weights, fused)
+    reads = read_gradients(options, schedule, plan, grads, state, weights)
     # 2. the blocks' updates: inner optimizer, decay, rewarm, learning rate
     updates = update_blocks(options, reads, state, weights, fused)
-    # 3. written with this step's indices: into the params in place, or into updates;
-    # 4. importance of the profiling layer(s), from the weights before the step.
-    #    Both orders spare XLA a copy of every weight (losia_jax.paths): the fused
-    #    path profiles after the write, reading the written params with the old
-    #    blocks put back; the optax path profiles first and its updates wait for it.
-    profile = lambda before: schedule.profile(plan, state, reads.grads, reads.owner,
-                                              reads.finite, reads.clip, before)
+    # 3. importance of the profiling layer(s), from the params as given: the weights
+    #    before the step. `read` is `finite` as the conditionals that read them yield it.
+    importance, read = schedule.profile(plan, state, reads.grads, reads.owner, reads.finite,
+                                        reads.clip, weights)
+    # 4. written with this step's indices, after those reads (losia_jax.paths): into the
+    #    params in place, or into updates
     if fused:
-      output = write_params(reads, state.targets, updates, params, options.master_weights)
-      importance, _ = profile(output)
+      output = write_params(reads, state.targets, updates, params, options.master_weights, read)
     else:
-      importance, read = profile(GivenWeights(weights))
       output = write_updates(reads, state.targets, updates, params, grads,
                              options.master_weights, read)
     # 5. relocalization at the end of a profiling window
