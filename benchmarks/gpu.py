@@ -53,6 +53,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
+import md_sections  # noqa: E402
 import peers  # noqa: E402  (the shapes, LoSiA's block count, the matched LoRA rank)
 from losia_common.subnet import block_size  # noqa: E402
 
@@ -294,21 +295,8 @@ def section(doc: dict) -> str:
 
 
 def insert_section(path: str, text: str) -> None:
-  """Replaces the generated section of ``path`` (or appends it); nothing else changes."""
-  try:
-    with open(path, encoding="utf-8") as f:
-      old = f.read()
-  except FileNotFoundError:
-    old = ""
-  i, j = old.find(BEGIN), old.find(END)
-  if i >= 0 and j > i:
-    new = old[:i] + text.rstrip("\n") + old[j + len(END):]
-  else:
-    new = old + ("\n" if old and not old.endswith("\n") else "") + ("\n" if old else "") + text
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(new)
-  os.replace(tmp, path)
+  """Replaces this script's marked section of ``path`` (appends it if absent)."""
+  md_sections.replace_section(path, text, BEGIN, END)
 
 
 # --- main -------------------------------------------------------------------------------

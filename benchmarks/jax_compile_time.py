@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import sys
@@ -41,6 +42,9 @@ import losia_jax
 from losia_jax import pro
 from losia_jax.models import functional, masked_nll
 from losia_jax.models.llama import LlamaForCausalLM, ModelConfig
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import md_sections  # noqa: E402
 
 SMOLLM2 = dict(hidden=576, intermediate=1536, heads=9, kv_heads=3, vocab=49152)
 BATCH, SEQ = 4, 256
@@ -171,17 +175,8 @@ def _reference(part: str, name: str) -> str:
 
 
 def insert_section(path: str, block: str) -> None:
-  """Replaces this script's marked section of ``path`` with ``block`` (appends it if absent)."""
-  with open(path, encoding="utf-8") as f:
-    old = f.read()
-  i, j = old.find(MD_BEGIN), old.find(MD_END)
-  if i >= 0 and j > i:
-    rest = old[j + len(MD_END):].lstrip("\n")
-    new = old[:i] + block + ("\n" + rest if rest else "")
-  else:
-    new = old.rstrip("\n") + "\n\n" + block
-  with open(path, "w", encoding="utf-8") as f:
-    f.write(new)
+  """Replaces this script's marked section of ``path`` (appends it if absent)."""
+  md_sections.replace_section(path, block, MD_BEGIN, MD_END)
 
 
 def main(argv=None):

@@ -42,7 +42,6 @@ import datetime
 import json
 import os
 import platform
-import re
 import shlex
 import subprocess
 import sys
@@ -56,6 +55,9 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 from losia_common.subnet import block_size  # noqa: E402
+
+sys.path.insert(0, HERE)
+import md_sections  # noqa: E402
 
 RESULTS_MD = os.path.join(HERE, "RESULTS.md")
 # benchmarks/gpu.py owns the part of RESULTS.md between these markers; rewriting
@@ -581,11 +583,6 @@ def save(doc: dict, args, partial: Optional[str]) -> None:
     write_md(markdown(doc))
 
 
-# A section another script generates: "<!-- NAME: begin ... -->" ... "<!-- NAME: end -->"
-# (gpu.py's GPU section, torch_fsdp_memory.py's FSDP2 section).
-MARKED_SECTION = re.compile(r"<!-- (\S+): begin[^>]*-->.*?<!-- \1: end -->", re.S)
-
-
 def write_md(text: str, path: str = RESULTS_MD) -> None:
   """Writes ``text`` to ``path``, keeping the sections other scripts generated there."""
   try:
@@ -593,7 +590,7 @@ def write_md(text: str, path: str = RESULTS_MD) -> None:
       old = f.read()
   except FileNotFoundError:
     old = ""
-  for m in MARKED_SECTION.finditer(old):
+  for m in md_sections.SECTION.finditer(old):
     if m.group(0) not in text:
       text = text.rstrip("\n") + "\n\n" + m.group(0) + "\n"
   with open(path, "w", encoding="utf-8") as f:

@@ -42,6 +42,9 @@ import tempfile
 import time
 from collections import defaultdict
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import md_sections  # noqa: E402
+
 METHODS = ("losia-train", "losia-freeze", "adamw")
 COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor",
                "all_gather_single", "reduce_scatter", "reduce_scatter_tensor",
@@ -313,17 +316,8 @@ def markdown(text: str, argv: list[str], nproc: int) -> str:
 
 
 def insert_section(path: str, block: str) -> None:
-  """Replaces this script's marked section of ``path`` with ``block`` (appends it if absent)."""
-  with open(path, encoding="utf-8") as f:
-    old = f.read()
-  i, j = old.find(MD_BEGIN), old.find(MD_END)
-  if i >= 0 and j > i:
-    rest = old[j + len(MD_END):].lstrip("\n")
-    new = old[:i] + block + ("\n" + rest if rest else "")
-  else:
-    new = old.rstrip("\n") + "\n\n" + block
-  with open(path, "w", encoding="utf-8") as f:
-    f.write(new)
+  """Replaces this script's marked section of ``path`` (appends it if absent)."""
+  md_sections.replace_section(path, block, MD_BEGIN, MD_END)
 
 
 def parse_args(argv=None):
