@@ -98,28 +98,55 @@ BlockWriter = Callable[[jax.Array, TargetSpec, jax.Array, jax.Array, jax.Array],
 or :func:`scatter_block`."""
 
 
-def member_span(x: jax.Array, bucket: Bucket, member: int) -> jax.Array:
-  """The rows of a bucket-stacked array (``[N, ...]``) that belong to ``bucket.members[member]``."""
+Starts = Sequence[jax.Array]
+"""``TargetState.starts``: each member's offset in the bucket, as runtime int32 scalars
+(empty: use the static ``bucket.offsets``)."""
+
+
+def member_span(x: jax.Array, bucket: Bucket, member: int, starts: Starts = ()) -> jax.Array:
+  """The rows of a bucket-stacked array (``[N, ...]``) that belong to ``bucket.members[member]``.
+
+  At the runtime offset ``starts[member]`` when given: a constant offset would
+  make the kernel that reads the span differ from layer to layer, and XLA
+  compiles each distinct kernel separately (see ``TargetState.starts``).
+  """
+  n = bucket.members[member].n
+  if len(bucket.members) == 1:
+    return x
+  if starts:
+    return jax.lax.dynamic_slice_in_dim(x, starts[member], n)
   start = bucket.offsets[member]
-  return x[start:start + bucket.members[member].n]
+  return x[start:start + n]
+
+
+def set_member_span(x: jax.Array, bucket: Bucket, member: int, part: jax.Array,
+                    starts: Starts = ()) -> jax.Array:
+  """``x`` with the member's span (see :func:`member_span`) replaced by ``part``."""
+  if len(bucket.members) == 1:
+    return part
+  start = starts[member] if starts else bucket.offsets[member]
+  return jax.lax.dynamic_update_slice_in_dim(x, part.astype(x.dtype), start, 0)
 
 
 def gather_bucket(leaves: Sequence[jax.Array], bucket: Bucket, rows: jax.Array,
-                  cols: jax.Array) -> jax.Array:
+                  cols: jax.Array, starts: Starts = ()) -> jax.Array:
   """The blocks of every matrix of ``bucket`` (``[N, *block_shape]``) from ``leaves``.
 
   ``leaves`` is indexed by leaf index (a list of all leaves, or a dict holding
-  the bucket's); ``rows``/``cols`` are the bucket's ``[N, k]`` indices.
+  the bucket's); ``rows``/``cols`` are the bucket's ``[N, k]`` indices and
+  ``starts`` its ``TargetState.starts``.
   """
-  parts = [gather_block(leaves[t.leaf_index], t, member_span(rows, bucket, j),
-                        member_span(cols, bucket, j)) for j, t in enumerate(bucket.members)]
+  parts = [gather_block(leaves[t.leaf_index], t, member_span(rows, bucket, j, starts),
+                        member_span(cols, bucket, j, starts))
+           for j, t in enumerate(bucket.members)]
   return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
 
 
 def write_bucket(leaves: list, bucket: Bucket, rows: jax.Array, cols: jax.Array,
-                 blocks: jax.Array, write: BlockWriter) -> None:
+                 blocks: jax.Array, write: BlockWriter, starts: Starts = ()) -> None:
   """Writes ``blocks`` (``[N, *block_shape]``) into the bucket's leaves of ``leaves`` (a list,
   replaced in place) with ``write``, each member its span."""
+  span = lambda x, j: member_span(x, bucket, j, starts)
   for j, t in enumerate(bucket.members):
-    leaves[t.leaf_index] = write(leaves[t.leaf_index], t, member_span(rows, bucket, j),
-                                 member_span(cols, bucket, j), member_span(blocks, bucket, j))
+    leaves[t.leaf_index] = write(leaves[t.leaf_index], t, span(rows, j), span(cols, j),
+                                 span(blocks, j))

@@ -51,8 +51,9 @@ class DenseGradients:
     if len(self.ops) != len(plan.keys):
       raise ValueError(f"grads have {len(self.ops)} leaves but params {len(plan.keys)}")
 
-  def block(self, bucket: Bucket, rows: jax.Array, cols: jax.Array) -> jax.Array:
-    return blocks.gather_bucket(self.ops, bucket, rows, cols)
+  def block(self, bucket: Bucket, rows: jax.Array, cols: jax.Array,
+            starts: blocks.Starts = ()) -> jax.Array:
+    return blocks.gather_bucket(self.ops, bucket, rows, cols, starts)
 
   @staticmethod
   def layer(ops, bucket: Bucket, member: int, local) -> jax.Array:
@@ -81,10 +82,11 @@ class CompactGradients:
     self.grads = grads
     self.ops = (grads.profile, grads.dense)
 
-  def block(self, bucket: Bucket, rows: jax.Array, cols: jax.Array) -> jax.Array:
+  def block(self, bucket: Bucket, rows: jax.Array, cols: jax.Array,
+            starts: blocks.Starts = ()) -> jax.Array:
     if bucket.first.row_mode:  # the output layer keeps its full gradient
       dense = {t.leaf_index: self.grads.dense[t.key] for t in bucket.members}
-      return blocks.gather_bucket(dense, bucket, rows, cols)
+      return blocks.gather_bucket(dense, bucket, rows, cols, starts)
     return self.grads.blocks[bucket.role]
 
   @staticmethod

@@ -54,7 +54,7 @@ def _written(plan: LoSiAPlan, targets: dict[str, TargetState], weights: list,
   out = list(weights)
   for b in plan.buckets:
     ts = targets[b.role]  # this step used the indices from before relocalization
-    blocks.write_bucket(out, b, ts.rows, ts.cols, payload[b.role], write)
+    blocks.write_bucket(out, b, ts.rows, ts.cols, payload[b.role], write, ts.starts)
   return out
 
 
@@ -71,8 +71,8 @@ class UpdatesOutput:
 
   def block_after(self, bucket: Bucket, ts: TargetState) -> jax.Array:
     """What ``optax.apply_updates`` will make of the blocks ``ts`` indexes."""
-    return (blocks.gather_bucket(self.weights, bucket, ts.rows, ts.cols)
-            + blocks.gather_bucket(self.updates, bucket, ts.rows, ts.cols))
+    return (blocks.gather_bucket(self.weights, bucket, ts.rows, ts.cols, ts.starts)
+            + blocks.gather_bucket(self.updates, bucket, ts.rows, ts.cols, ts.starts))
 
   def tree(self, plan: LoSiAPlan, updates: BlockUpdates) -> Any:
     """The updates tree, with the non-targets' updates (zero when frozen)."""
@@ -110,7 +110,7 @@ class ParamsOutput:
     self.params, self.treedef = params, treedef
 
   def block_after(self, bucket: Bucket, ts: TargetState) -> jax.Array:
-    return blocks.gather_bucket(self.params, bucket, ts.rows, ts.cols)
+    return blocks.gather_bucket(self.params, bucket, ts.rows, ts.cols, ts.starts)
 
   def tree(self, plan: LoSiAPlan, updates: BlockUpdates) -> Any:
     """The params tree."""

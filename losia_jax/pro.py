@@ -51,6 +51,7 @@ from losia_jax import blocks
 from losia_jax.compose import find_losia_state
 # One hook definition for the models and Pro (re-exported here for loss functions).
 from losia_jax.linear import Linear, default_linear, project  # noqa: F401
+from losia_jax.profiling import owner_slot
 from losia_jax.schedule import slot_owner
 from losia_jax.gradients import ProGradients
 from losia_jax.state import LoSiATransformation
@@ -113,10 +114,11 @@ def pro_linear(x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array], block
 
 
 class _Route:
-  """Where one target matrix lives in the LoSiA state (static)."""
+  """Where one target matrix lives in the LoSiA state (static): its bucket and member."""
 
-  def __init__(self, role: str, pos: int, layer_id: int, spec):
-    self.role, self.pos, self.layer_id, self.spec = role, pos, layer_id, spec
+  def __init__(self, bucket, member: int):
+    self.bucket, self.member = bucket, member
+    self.role, self.layer_id = bucket.role, bucket.members[member].layer_ids[0]
 
 
 def _routes(plan) -> dict[str, _Route]:
@@ -130,7 +132,7 @@ def _routes(plan) -> dict[str, _Route]:
                          f"{t.key} holds {t.n} layers")
       if not t.transposed:
         raise ValueError(f"LoSiA-Pro needs Flax-layout [in, out] kernels; {t.key} is [out, in]")
-      out[b.identities[b.offsets[j]]] = _Route(b.role, b.offsets[j], t.layer_ids[0], t)
+      out[b.identities[b.offsets[j]]] = _Route(b, j)
   return out
 
 
@@ -182,14 +184,21 @@ def value_and_grad(loss_fn: Callable[..., Any], tx: LoSiATransformation, *,
     key_index = {t.key: t.leaf_index for t in plan.targets}
     key_index.update(keys)
 
-    blocks_in = {}
+    # Per member (one layer's matrix, [1, *block_shape]), read at the runtime
+    # offsets of TargetState.starts: every layer's kernels are then the same
+    # and XLA compiles them once; the gradients are concatenated afterwards.
+    blocks_in, mine = {}, {}
     for b in plan.buckets:
       if b.first.row_mode:
         continue
       ts = st.targets[b.role]
-      parts = [blocks.gather_block(leaves[t.leaf_index], t, ts.rows[o:o + 1], ts.cols[o:o + 1])
-               for t, o in zip(b.members, b.offsets)]
-      blocks_in[b.role] = jnp.concatenate(parts)
+      span = lambda x, j, b=b, ts=ts: blocks.member_span(x, b, j, ts.starts)
+      blocks_in[b.role] = [blocks.gather_block(leaves[t.leaf_index], t, span(ts.rows, j),
+                                               span(ts.cols, j))
+                           for j, t in enumerate(b.members)]
+      slot = owner_slot(b, plan, owner)
+      mine[b.role] = [(slot.member > 0) & (slot.position == ts.starts[j]) if ts.starts
+                      else owner == t.layer_ids[0] for j, t in enumerate(b.members)]
     dense_in = {k: leaves[key_index[k]] for k in dense_keys}
 
     def forward(blocks_v, probes, dense_v, record):
@@ -206,16 +215,17 @@ def value_and_grad(loss_fn: Callable[..., Any], tx: LoSiATransformation, *,
         if r is None:
           return default_linear(identity, x, kernel, bias)
         seen[identity] = seen.get(identity, 0) + 1
-        ts = st.targets[r.role]
-        y = pro_linear(x, kernel, bias, blocks_v[r.role][r.pos], ts.rows[r.pos], ts.cols[r.pos])
-        mine = owner == r.layer_id
+        ts, j = st.targets[r.role], r.member
+        span = lambda a: blocks.member_span(a, r.bucket, j, ts.starts)[0]
+        y = pro_linear(x, kernel, bias, blocks_v[r.role][j][0], span(ts.rows), span(ts.cols))
         if record is not None:
           record[r.role] = (x.shape, x.dtype, y.shape, y.dtype)
         else:
           # exact zeros in the forward; d(loss)/d(probe) = dy of the profiling matrix
-          y = y + jnp.where(mine, probes[r.role], 0).astype(y.dtype)
+          here = mine[r.role][j]
+          y = y + jnp.where(here, probes[r.role], 0).astype(y.dtype)
           prev = xprof.get(r.role, jnp.zeros(x.shape, x.dtype))
-          xprof[r.role] = jnp.where(mine, jax.lax.stop_gradient(x), prev)
+          xprof[r.role] = jnp.where(here, jax.lax.stop_gradient(x), prev)
         return y
 
       out = loss_fn(p, linear, *args)
@@ -255,6 +265,7 @@ def value_and_grad(loss_fn: Callable[..., Any], tx: LoSiATransformation, *,
       else:
         zeros = lambda x, dy: jnp.zeros((x.shape[-1], dy.shape[-1]), jnp.float32)
         profile[role] = jax.lax.cond(decoder_slot, full_gradient, zeros, x, dy)
+    g_blocks = {role: jnp.concatenate(parts) for role, parts in g_blocks.items()}
     grads = ProGradients(g_blocks, profile, g_dense)
     return ((loss, aux) if has_aux else loss), grads
 

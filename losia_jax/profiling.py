@@ -211,9 +211,10 @@ class AsyncSchedule(_Schedule):
         return jax.lax.dynamic_update_index_in_dim(x, jnp.where(moves, new, old), position, 0)
 
       rows, cols = new_indices[b.role]
-      targets[b.role] = TargetState(at_owner(ts.rows, rows), at_owner(ts.cols, cols),
-                                    jax.tree.map(at_owner, ts.inner, self.fresh_inner(b)),
-                                    at_owner(ts.last_relocalization, step), ts.master)
+      targets[b.role] = ts._replace(
+          rows=at_owner(ts.rows, rows), cols=at_owner(ts.cols, cols),
+          inner=jax.tree.map(at_owner, ts.inner, self.fresh_inner(b)),
+          last_relocalization=at_owner(ts.last_relocalization, step))
     return targets
 
 
@@ -261,16 +262,15 @@ class SyncSchedule(_Schedule):
     def accumulate_all(importance, grad_ops):
       importance = dict(importance)
       for b in plan.buckets:
-        slot = importance[b.role]
+        slot, starts = importance[b.role], state.targets[b.role].starts
         for j, t in enumerate(b.members):
           shape = (t.n,) + t.slice_shape
-          span = lambda x, j=j, b=b: blocks.member_span(x, b, j)
+          span = lambda x, j=j, b=b: blocks.member_span(x, b, j, starts)
           new = self.accumulate(jax.tree.map(span, slot), product(
               weights[t.leaf_index].reshape(shape),
               clipped(grad_ops[t.leaf_index]).reshape(shape)), fresh_window)
-          start = b.offsets[j]
-          slot = jax.tree.map(lambda buf, part: buf.at[start:start + part.shape[0]].set(part),
-                              slot, new)
+          slot = jax.tree.map(lambda buf, part, j=j, b=b: blocks.set_member_span(
+              buf, b, j, part, starts), slot, new)
         importance[b.role] = slot
       return importance, True
 
@@ -292,8 +292,9 @@ class SyncSchedule(_Schedule):
         rows, cols = jax.vmap(functools.partial(self.choose, t))(
             importance_score(importance[b.role]))
         fresh = jax.vmap(lambda _, b=b: self.fresh_inner(b))(jnp.arange(b.size))
-        out[b.role] = TargetState(rows, cols.reshape(ts.cols.shape), fresh,
-                                  jnp.full_like(ts.last_relocalization, step), ts.master)
+        out[b.role] = ts._replace(rows=rows, cols=cols.reshape(ts.cols.shape), inner=fresh,
+                                  last_relocalization=jnp.full_like(ts.last_relocalization,
+                                                                    step))
       return out
 
     return jax.lax.cond(due & (owner == 0), select_all,

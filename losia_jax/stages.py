@@ -142,9 +142,9 @@ def read_gradients(options: Options, schedule: Schedule, plan: LoSiAPlan, grads:
   grad_blocks, old_blocks = {}, {}
   for b in plan.buckets:
     ts = state.targets[b.role]
-    grad_blocks[b.role] = view.block(b, ts.rows, ts.cols).astype(jnp.float32)
+    grad_blocks[b.role] = view.block(b, ts.rows, ts.cols, ts.starts).astype(jnp.float32)
     if need_old_blocks:
-      old_blocks[b.role] = blocks.gather_bucket(weights, b, ts.rows, ts.cols)
+      old_blocks[b.role] = blocks.gather_bucket(weights, b, ts.rows, ts.cols, ts.starts)
   profiling_finite, profiling_sq = schedule.inspect_profiling(plan, view, owner)
   finite = all_finite(grad_blocks.values()) & profiling_finite
   if options.train_non_targets:

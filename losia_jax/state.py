@@ -28,6 +28,13 @@ class TargetState(NamedTuple):
     master: fp32 ``[N, *block_shape]``, the exact value of each block when the
       transformation keeps master weights (``master_weights=True``, for bf16
       parameters); the parameter holds its rounding. None otherwise.
+    starts: int32 scalars, one per leaf of the role when it has several (a model
+      with one leaf per layer): where that leaf's matrices start in the arrays
+      above (``Bucket.offsets``); empty otherwise. They never change. They are
+      state, not Python ints, because XLA compiles every distinct kernel on its
+      own: reading each layer's part at a runtime offset makes the gathers,
+      updates and scatters of all layers one kernel that XLA compiles once
+      (with constant offsets, one per layer: most of LoSiA's compile time).
   """
 
   rows: jax.Array
@@ -35,6 +42,7 @@ class TargetState(NamedTuple):
   inner: optax.OptState
   last_relocalization: jax.Array
   master: Optional[jax.Array] = None
+  starts: tuple[jax.Array, ...] = ()
 
 
 class LoSiAState(NamedTuple):

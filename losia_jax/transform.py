@@ -235,10 +235,12 @@ class LoSiAFunctions:
               np.stack([initial_indices(cfg.seed, i, t.d_in, t.k_in, "cols")
                         for i in b.identities]))
       inner = jax.vmap(options.inner.init)(jnp.zeros((b.size,) + t.block_shape, jnp.float32))
+      starts = tuple(jnp.asarray(o, jnp.int32) for o in b.offsets) if len(b.members) > 1 else ()
       ts = TargetState(jnp.asarray(rows, jnp.int32), jnp.asarray(cols, jnp.int32),
-                       inner, jnp.full((b.size,), -1, jnp.int32))
+                       inner, jnp.full((b.size,), -1, jnp.int32), starts=starts)
       if options.master_weights:
-        master = blocks.gather_bucket(jax.tree_util.tree_leaves(params), b, ts.rows, ts.cols)
+        master = blocks.gather_bucket(jax.tree_util.tree_leaves(params), b, ts.rows, ts.cols,
+                                    ts.starts)
         ts = ts._replace(master=master.astype(jnp.float32))
       targets[b.role] = ts
       importance[b.role] = zeros_importance(self.schedule.importance_shape(t, b))
