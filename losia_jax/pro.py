@@ -118,7 +118,7 @@ class _Route:
 
   def __init__(self, bucket, member: int):
     self.bucket, self.member = bucket, member
-    self.role, self.layer_id = bucket.role, bucket.members[member].layer_ids[0]
+    self.role = bucket.role
 
 
 def _routes(plan) -> dict[str, _Route]:
