@@ -17,10 +17,13 @@ number of instructions (and of ``conditional`` instructions) in the optimized
 HLO, which is deterministic where seconds are noisy.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/jax_compile_time.py [--layers 4 8 16 30]
-        [--parts train opt] [--md benchmarks/RESULTS.md]
+        [--parts train opt] [--json FILE] [--md benchmarks/RESULTS.md] [--note TEXT]
+    .venv/bin/python benchmarks/jax_compile_time.py --from-json FILE --md benchmarks/RESULTS.md
 
 ``--md`` writes the tables as this script's section of that markdown file
-(between its markers; appended if absent), which ``peers.py --write`` keeps.
+(between its markers; appended if absent), which ``peers.py --write`` keeps;
+``--from-json`` writes it from an earlier ``--json`` (dated by that file) without
+measuring, and ``--note`` adds a line on the conditions (e.g. what else ran).
 """
 
 from __future__ import annotations
