@@ -21,6 +21,8 @@ Two more things make the block optimizer follow the user's intent:
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple, Optional
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,6 +52,36 @@ def sync_schedule_counts(state, count):
     return x
 
   return jax.tree.map(fix, state, is_leaf=lambda x: isinstance(x, _SCHEDULE_STATES))
+
+
+class AdamSettings(NamedTuple):
+  """The hyper-parameters of a plain ``optax.scale_by_adam`` (numbers or arrays)."""
+
+  b1: Any
+  b2: Any
+  eps: Any
+  eps_root: Any
+
+
+def adam_settings(tx: optax.GradientTransformation) -> Optional[AdamSettings]:
+  """``tx``'s hyper-parameters if it is exactly ``optax.scale_by_adam`` (no
+  Nesterov, moments in the gradients' dtype), else None.
+
+  Adam's direction is a function of its *new* moments alone, which lets the
+  non-target step skip a non-finite step by selecting the moments rather than
+  in a conditional (``losia_jax.stages``). Anything else, including a chain
+  around Adam, returns None and takes the general path.
+  """
+  fn = getattr(tx, "update", None)
+  if getattr(fn, "__qualname__", "") != "scale_by_adam.<locals>.update_fn":
+    return None
+  c = _closure(fn)
+  if c.get("nesterov", True) is not False or c.get("mu_dtype", 0) is not None:
+    return None
+  try:
+    return AdamSettings(c["b1"], c["b2"], c["eps"], c["eps_root"])
+  except KeyError:
+    return None
 
 
 def _closure(fn) -> dict:

@@ -20,7 +20,7 @@ import optax
 from losia_common import LoSiAConfig
 from losia_jax import blocks
 from losia_jax.gradients import GradientView, gradient_view
-from losia_jax.inner import sync_schedule_counts
+from losia_jax.inner import AdamSettings, sync_schedule_counts
 from losia_jax.profiling import Schedule
 from losia_jax.schedule import rewarm_factor, slot_owner
 from losia_jax.state import LoSiAState, TargetState
@@ -45,6 +45,8 @@ class Options:
     inner_params: ``inner`` reads ``params`` (the block's weights) and its
       schedule counters follow the global step.
     output_module, dimension_numbers, stacked_layers: where LoSiA acts (:func:`make_plan`).
+    adam: ``inner``'s hyper-parameters when it is a plain ``optax.scale_by_adam``
+      (the non-targets then step without a conditional); None otherwise.
   """
 
   config: LoSiAConfig
@@ -58,6 +60,7 @@ class Options:
   output_module: str
   dimension_numbers: DimensionNumbersArg
   stacked_layers: bool
+  adam: Optional[AdamSettings] = None
 
   @property
   def train_non_targets(self) -> bool:
@@ -200,34 +203,72 @@ def _update_non_targets(options: Options, reads: StepReads, state: LoSiAState, w
                         fused: bool) -> tuple[dict[str, jax.Array], optax.OptState]:
   """The inner optimizer's full update of every non-target (decay, no rewarm).
 
-  A conditional rather than selects: a select between new and old Adam moments
-  makes XLA keep (copy) the old embedding-sized moments.
+  A skipped (non-finite) step must leave the non-targets and their state as
+  they were. For a plain Adam that is a select of the moments
+  (:func:`_adam_non_targets`); any other inner optimizer runs in a
+  conditional, since a select between its new and old state makes XLA keep
+  (copy) the old embedding-sized moments. The conditional's price: on the
+  optax path its output, the update, is a parameter-sized buffer that
+  XLA:CPU allocates (and page-faults) anew on every step.
   """
   plan, count = reads.plan, reads.count
+  grads = {k: reads.grads.leaf(k, i) for k, i in plan.non_targets}
+  non_target_weights = {k: weights[i] for k, i in plan.non_targets}
+  if options.adam is not None and not options.inner_params:
+    return _adam_non_targets(options, reads, grads, non_target_weights, state.non_target, fused)
 
   def step(grads, weights, inner_state, lr):
-    grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
-    if reads.clip is not None:
-      grads = jax.tree.map(lambda g: g * reads.clip, grads)
+    grads = _clipped(reads, grads)
     if options.inner_params:
       u, new_state = options.inner.update(grads, sync_schedule_counts(inner_state, count),
                                           jax.tree.map(lambda w: w.astype(jnp.float32), weights))
     else:
       u, new_state = options.inner.update(grads, inner_state)
-    out = {}
-    for k, w in weights.items():
-      v = u[k] + options.weight_decay * w.astype(jnp.float32) if options.has_decay else u[k]
-      v = v if lr is None else -lr * v
-      # fused path: the new weight itself, written in place; else the update
-      out[k] = (w + v.astype(w.dtype)).astype(w.dtype) if fused else v.astype(w.dtype)
-    return out, new_state
+    return {k: _non_target_out(options, w, u[k], lr, fused) for k, w in weights.items()}, new_state
 
   def skip(grads, weights, inner_state, lr):
     if fused:
       return dict(weights), inner_state
     return {k: jnp.zeros_like(w) for k, w in weights.items()}, inner_state
 
-  grads = {k: reads.grads.leaf(k, i) for k, i in plan.non_targets}
-  non_target_weights = {k: weights[i] for k, i in plan.non_targets}
   return jax.lax.cond(reads.finite, step, skip, grads, non_target_weights, state.non_target,
                       reads.learning_rate)
+
+
+def _adam_non_targets(options, reads, grads, weights, adam_state, fused):
+  """Adam on the non-targets, a skipped step by selects instead of a conditional.
+
+  The moments are optax's own (``inner.update``), kept by a select when the
+  step is skipped, and the direction is computed from the moments *as kept*,
+  with ``optax.scale_by_adam``'s arithmetic: exact, because Adam's direction
+  depends on the new moments only (and a skipped step discards it). Every read
+  of the old moments then precedes their in-place write, so XLA passes over
+  moments and weights in place as for ``optax.adam``, and on the optax path
+  the update fuses into ``optax.apply_updates`` instead of being materialized.
+  """
+  a, finite = options.adam, reads.finite
+  _, new = options.inner.update(_clipped(reads, grads), adam_state)
+  kept = tree_where(finite, new, adam_state)
+  mu_hat = optax.tree.bias_correction(kept.mu, a.b1, kept.count)
+  nu_hat = optax.tree.bias_correction(kept.nu, a.b2, kept.count)
+  out = {}
+  for k, w in weights.items():
+    u = mu_hat[k] / (jnp.sqrt(nu_hat[k] + a.eps_root) + a.eps)
+    v = _non_target_out(options, w, u, reads.learning_rate, fused)
+    out[k] = jnp.where(finite, v, w if fused else jnp.zeros_like(v))
+  return out, kept
+
+
+def _clipped(reads: StepReads, grads: dict) -> dict:
+  grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+  if reads.clip is not None:
+    grads = jax.tree.map(lambda g: g * reads.clip, grads)
+  return grads
+
+
+def _non_target_out(options: Options, w: jax.Array, u: jax.Array, lr, fused: bool) -> jax.Array:
+  """Decay and learning rate on the inner direction ``u``: the new weight itself on
+  the fused path (written in place), else the update."""
+  v = u + options.weight_decay * w.astype(jnp.float32) if options.has_decay else u
+  v = v if lr is None else -lr * v
+  return (w + v.astype(w.dtype)).astype(w.dtype) if fused else v.astype(w.dtype)

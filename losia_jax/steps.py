@@ -25,7 +25,16 @@ def clip_factor(norm: jax.Array, max_norm) -> jax.Array:
 
 
 def all_finite(arrays) -> jax.Array:
-  ok = jnp.array(True)
+  """True iff no entry of any array is NaN or infinite.
+
+  ``sum(a - a)`` is 0 when every entry is finite and NaN otherwise (``inf - inf``
+  is NaN): one plain reduction, which XLA:CPU runs in about half the time of
+  ``all(isfinite(a))`` (that one materializes a boolean array and reduces it in
+  windows). On an embedding-sized gradient the difference is a tenth of an
+  AdamW step. (Not ``a * 0``: next to other users of the gradient XLA:CPU may
+  materialize the zero as a parameter-sized broadcast.)
+  """
+  total = jnp.zeros([], jnp.float32)
   for a in arrays:
-    ok = ok & jnp.all(jnp.isfinite(a))
-  return ok
+    total = total + jnp.sum(a - a, dtype=jnp.float32)
+  return jnp.isfinite(total)

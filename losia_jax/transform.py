@@ -50,6 +50,7 @@ from losia_common.subnet import initial_indices
 from losia_jax import blocks, misuse
 from losia_jax.gradients import ProGradients  # noqa: F401  (re-exported)
 from losia_jax.importance import zeros_importance
+from losia_jax.inner import adam_settings
 from losia_jax.paths import write_params, write_updates
 from losia_jax.profiling import Schedule, schedule_for
 from losia_jax.schedule import ends_slot
@@ -194,7 +195,7 @@ def _options(config, base_optimizer, learning_rate, weight_decay, output_module,
       has_decay=isinstance(weight_decay, jax.Array) or bool(weight_decay),
       clip_norm=clip_norm, master_weights=master_weights, inner_params=inner_params,
       output_module=output_module, dimension_numbers=dimension_numbers,
-      stacked_layers=stacked_layers)
+      stacked_layers=stacked_layers, adam=adam_settings(base_optimizer))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

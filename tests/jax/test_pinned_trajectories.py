@@ -8,6 +8,11 @@ from an earlier version of the code: every parameter and every leaf of the
 optimizer state (indices, compact moments, importance buffers, counters) after
 each step. They were first recorded before ``scale_by_losia`` was restructured
 into named stages and async/sync strategies; that refactor left them unchanged.
+The two optax-path runs were re-recorded when Adam's non-target update moved
+out of a conditional into ``optax.apply_updates``' fusion: every state leaf and
+target weight stayed bit for bit, the non-target weights moved by 1 ulp (where
+XLA contracts ``w - lr * u`` into an FMA), checked step by step against the
+old code before re-recording.
 
 The runs feed given gradients, so no model matmul enters them: a matmul's bits
 depend on how many threads XLA's CPU backend splits it over (LoSiA-Pro, whose
