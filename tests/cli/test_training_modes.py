@@ -113,9 +113,13 @@ def test_two_micro_batches_equal_one_batch_of_twice_the_size(source, backend, me
   _, one_loss, one_w, one_sub = run(make, weights_of, source, method)
   _, acc_loss, acc_w, acc_sub = run(make, weights_of, source, method, grad_accum=2)
   np.testing.assert_allclose(acc_loss, one_loss, rtol=0, atol=1e-5)
+  # Summing two micro-batches reorders fp32 sums; where an entry's gradient is
+  # near zero, Adam's m / sqrt(v) turns that rounding into up to ~0.1% of a
+  # step (lr 1e-2: seen 1.05e-5 on full-jax). A wrong accumulation (unweighted
+  # micro-batches, a dropped half) moves entries by a sizeable part of lr.
   for step in range(STEPS):
     for a, b in zip(acc_w[step], one_w[step]):
-      np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+      np.testing.assert_allclose(a, b, rtol=0, atol=5e-5)
     assert_same_subnets(acc_sub[step], one_sub[step])
   if method.startswith("losia"):  # the run went through a relocalization
     first, last = one_sub[0], one_sub[-1]
