@@ -294,3 +294,19 @@ def test_torch_fsdp_memory_refuses_unclear_arguments():
     with pytest.raises(SystemExit):
       bench.parse_args(argv)
   assert bench.parse_args([]).methods == list(bench.METHODS)
+
+
+def test_jax_torch_step_tiny_run(tmp_path, capsys):
+  """benchmarks/jax_torch_step.py end to end on a tiny LLaMA: every row, finite figures."""
+  bench = load_script("jax_torch_step_under_test",
+                      os.path.join(ROOT, "benchmarks", "jax_torch_step.py"))
+  out = tmp_path / "step.json"
+  assert bench.main(["--tiny", "--layers", "1", "--vocab", "128", "--batch", "1", "--seq", "8",
+                     "--steps", "1", "--json", str(out)]) == 0
+  text = capsys.readouterr().out
+  for row in ("jax ", "jax, autodiff dot", "torch ", "x^T @ dy", "all of them"):
+    assert row in text, row
+  data = json.loads(out.read_text())
+  assert set(data["steps_s"]) == {"jax", "jax, autodiff dot", "torch"}
+  assert len(data["gemms"]) == 12
+  assert all(_finite(v) and v > 0 for v in data["steps_s"].values())

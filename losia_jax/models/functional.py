@@ -47,10 +47,15 @@ def masked_nll(logits: jax.Array, input_ids: jax.Array,
   ``loss_mask[:, t]`` is 1 (all positions when None): the usual "train on the
   response only" loss, computed in fp32.
   """
-  logits = logits[:, :-1].astype(jnp.float32)
-  target = input_ids[:, 1:]
+  # Every position is scored against the next token (the last one against a
+  # wrapped-around token, masked out) rather than slicing off the last logits:
+  # the slice's gradient is a pad of the vocabulary-sized logits, which
+  # XLA:CPU materializes (a copy of batch x seq x vocab floats per step).
+  logits = logits.astype(jnp.float32)
+  target = jnp.concatenate([input_ids[:, 1:], input_ids[:, :1]], axis=1)
   mask = (jnp.ones(target.shape, jnp.float32) if loss_mask is None
-          else loss_mask[:, :-1].astype(jnp.float32))
+          else loss_mask.astype(jnp.float32))
+  mask = mask.at[:, -1].set(0.0)
   picked = jnp.take_along_axis(logits, target[..., None], axis=-1)[..., 0]
   nll = jax.nn.logsumexp(logits, axis=-1) - picked
   return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from losia_common.names import target_identity
-from losia_jax.linear import Linear, default_linear
+from losia_jax.linear import Linear, default_linear, dense_matmul
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -453,7 +453,8 @@ class LlamaForCausalLM(nnx.Module):
     """Final norm, then the LM head (never through the ``linear`` hook)."""
     h = self.model.norm(h)
     if self.lm_head is None:
-      return jnp.dot(h, self.model.embed_tokens.embedding[...].astype(h.dtype).T)
+      # dense_matmul: the tied embedding's gradient as a plain GEMM on XLA:CPU
+      return dense_matmul(h, self.model.embed_tokens.embedding[...].astype(h.dtype).T)
     return default_linear("lm_head", h, self.lm_head.kernel[...], None)
 
   def _run_layers(self, input_ids, positions, mask, linear, cache, cache_index):
