@@ -55,23 +55,60 @@ def sync_schedule_counts(state, count):
 
 
 class AdamSettings(NamedTuple):
-  """The hyper-parameters of a plain ``optax.scale_by_adam`` (numbers or arrays)."""
+  """An inner optimizer that is Adam followed by scalar-state pieces.
+
+  Attributes:
+    b1, b2, eps, eps_root: the hyper-parameters of its ``optax.scale_by_adam``
+      (numbers or arrays).
+    tail: what follows Adam when the optimizer is an ``optax.chain`` (e.g.
+      ``optax.adamw``'s ``add_decayed_weights`` and ``scale_by_learning_rate``),
+      as one transformation whose state is the chain's state after Adam's;
+      None for a bare ``optax.scale_by_adam``.
+  """
 
   b1: Any
   b2: Any
   eps: Any
   eps_root: Any
+  tail: Optional[optax.GradientTransformation] = None
 
 
 def adam_settings(tx: optax.GradientTransformation) -> Optional[AdamSettings]:
-  """``tx``'s hyper-parameters if it is exactly ``optax.scale_by_adam`` (no
-  Nesterov, moments in the gradients' dtype), else None.
+  """How ``tx`` is built from Adam, or None.
 
-  Adam's direction is a function of its *new* moments alone, which lets the
-  non-target step skip a non-finite step by selecting the moments rather than
-  in a conditional (``losia_jax.stages``). Anything else, including a chain
-  around Adam, returns None and takes the general path.
+  Recognised: a plain ``optax.scale_by_adam`` (no Nesterov, moments in the
+  gradients' dtype), and an ``optax.chain`` that starts with one and goes on
+  with pieces whose state holds scalars only (``optax.adam``, ``optax.adamw``,
+  a schedule, decoupled decay). The direction of such an optimizer is a
+  function of Adam's *new* moments, the gradient-free pieces after it and
+  their old scalar state, which lets the non-target step skip a non-finite
+  step by selecting the moments rather than in a conditional
+  (``losia_jax.stages``). Anything else returns None and takes the general path.
   """
+  head = _bare_adam(tx)
+  if head is not None:
+    return head
+  inits = _closure(tx.init).get("init_fns")
+  updates = _closure(tx.update).get("update_fns")
+  if not (getattr(tx.update, "__qualname__", "").startswith("chain.")
+          and isinstance(inits, tuple) and isinstance(updates, tuple)
+          and len(inits) == len(updates) >= 2):
+    return None
+  head = _bare_adam(_unwrapped(optax.GradientTransformationExtraArgs(inits[0], updates[0])))
+  if head is None:
+    return None
+  tail = optax.chain(*(optax.GradientTransformationExtraArgs(i, u)
+                       for i, u in zip(inits[1:], updates[1:])))
+  try:
+    state = jax.eval_shape(tail.init, jax.ShapeDtypeStruct(_PROBE_SHAPE, jnp.float32))
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if any(jnp.shape(x) != () for x in jax.tree_util.tree_leaves(state)):
+    return None  # momentum or another parameter-sized state after Adam
+  return head._replace(tail=tail)
+
+
+def _bare_adam(tx) -> Optional[AdamSettings]:
   fn = getattr(tx, "update", None)
   if getattr(fn, "__qualname__", "") != "scale_by_adam.<locals>.update_fn":
     return None
@@ -82,6 +119,15 @@ def adam_settings(tx: optax.GradientTransformation) -> Optional[AdamSettings]:
     return AdamSettings(c["b1"], c["b2"], c["eps"], c["eps_root"])
   except KeyError:
     return None
+
+
+def _unwrapped(tx):
+  """``tx`` without the ``with_extra_args_support`` wrapper ``optax.chain`` adds."""
+  fn = tx.update
+  while getattr(fn, "__qualname__", "").startswith("with_extra_args_support."):
+    tx = _closure(fn)["tx"]
+    fn = tx.update
+  return tx
 
 
 def _closure(fn) -> dict:
@@ -106,9 +152,7 @@ def chain_pieces(tx: optax.GradientTransformation) -> list:
 
 def _name(tx) -> str:
   """The optax factory that made ``tx`` (e.g. ``clip_by_global_norm``)."""
-  fn = tx.update
-  while getattr(fn, "__qualname__", "").startswith("with_extra_args_support."):
-    fn = _closure(fn)["tx"].update  # optax.chain wraps plain transformations
+  fn = _unwrapped(tx).update  # optax.chain wraps plain transformations
   qual = getattr(fn, "__qualname__", type(fn).__name__)
   return qual.split(".<locals>")[0]
 

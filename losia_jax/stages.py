@@ -45,8 +45,9 @@ class Options:
     inner_params: ``inner`` reads ``params`` (the block's weights) and its
       schedule counters follow the global step.
     output_module, dimension_numbers, stacked_layers: where LoSiA acts (:func:`make_plan`).
-    adam: ``inner``'s hyper-parameters when it is a plain ``optax.scale_by_adam``
-      (the non-targets then step without a conditional); None otherwise.
+    adam: how ``inner`` is built from Adam (:func:`~losia_jax.inner.adam_settings`:
+      ``optax.scale_by_adam``, ``adam``, ``adamw``); the non-targets then step
+      without a conditional. None otherwise.
   """
 
   config: LoSiAConfig
@@ -204,26 +205,21 @@ def _update_non_targets(options: Options, reads: StepReads, state: LoSiAState, w
   """The inner optimizer's full update of every non-target (decay, no rewarm).
 
   A skipped (non-finite) step must leave the non-targets and their state as
-  they were. For a plain Adam that is a select of the moments
-  (:func:`_adam_non_targets`); any other inner optimizer runs in a
+  they were. For Adam (``optax.scale_by_adam``, ``adam``, ``adamw``) that is
+  a select of the moments (:func:`_adam_non_targets`); any other inner optimizer runs in a
   conditional, since a select between its new and old state makes XLA keep
   (copy) the old embedding-sized moments. The conditional's price: on the
   optax path its output, the update, is a parameter-sized buffer that
   XLA:CPU allocates (and page-faults) anew on every step.
   """
-  plan, count = reads.plan, reads.count
+  plan = reads.plan
   grads = {k: reads.grads.leaf(k, i) for k, i in plan.non_targets}
   non_target_weights = {k: weights[i] for k, i in plan.non_targets}
-  if options.adam is not None and not options.inner_params:
+  if options.adam is not None:
     return _adam_non_targets(options, reads, grads, non_target_weights, state.non_target, fused)
 
   def step(grads, weights, inner_state, lr):
-    grads = _clipped(reads, grads)
-    if options.inner_params:
-      u, new_state = options.inner.update(grads, sync_schedule_counts(inner_state, count),
-                                          jax.tree.map(lambda w: w.astype(jnp.float32), weights))
-    else:
-      u, new_state = options.inner.update(grads, inner_state)
+    u, new_state = _inner_update(options, reads, _clipped(reads, grads), inner_state, weights)
     return {k: _non_target_out(options, w, u[k], lr, fused) for k, w in weights.items()}, new_state
 
   def skip(grads, weights, inner_state, lr):
@@ -235,28 +231,50 @@ def _update_non_targets(options: Options, reads: StepReads, state: LoSiAState, w
                       reads.learning_rate)
 
 
-def _adam_non_targets(options, reads, grads, weights, adam_state, fused):
-  """Adam on the non-targets, a skipped step by selects instead of a conditional.
+def _inner_update(options: Options, reads: StepReads, grads: dict, inner_state, weights: dict):
+  """``options.inner.update`` on the non-targets: with their fp32 weights and the
+  schedule counters at the global step when the inner optimizer reads params."""
+  if options.inner_params:
+    return options.inner.update(grads, sync_schedule_counts(inner_state, reads.count),
+                                _f32(weights))
+  return options.inner.update(grads, inner_state)
 
-  The moments are optax's own (``inner.update``), kept by a select when the
-  step is skipped, and the direction is computed from the moments *as kept*,
-  with ``optax.scale_by_adam``'s arithmetic: exact, because Adam's direction
-  depends on the new moments only (and a skipped step discards it). Every read
-  of the old moments then precedes their in-place write, so XLA passes over
-  moments and weights in place as for ``optax.adam``, and on the optax path
-  the update fuses into ``optax.apply_updates`` instead of being materialized.
+
+def _adam_non_targets(options: Options, reads: StepReads, grads: dict, weights: dict,
+                      inner_state, fused: bool) -> tuple[dict[str, jax.Array], optax.OptState]:
+  """Adam (alone or followed by scalar-state pieces, as in ``optax.adamw``) on
+  the non-targets, a skipped step by selects instead of a conditional.
+
+  The state is optax's own (``inner.update``), kept by a select when the step
+  is skipped. The direction is then computed from the moments *as kept*, with
+  ``optax.scale_by_adam``'s arithmetic, and passed through the pieces after
+  Adam with their old (scalar) state: exact, because that direction depends on
+  the new moments only (and a skipped step discards it). Every read of the old
+  moments then precedes their in-place write, so XLA passes over moments and
+  weights in place as for ``optax.adam``, and on the optax path the update
+  fuses into ``optax.apply_updates`` instead of being materialized.
   """
   a, finite = options.adam, reads.finite
-  _, new = options.inner.update(_clipped(reads, grads), adam_state)
-  kept = tree_where(finite, new, adam_state)
-  mu_hat = optax.tree.bias_correction(kept.mu, a.b1, kept.count)
-  nu_hat = optax.tree.bias_correction(kept.nu, a.b2, kept.count)
+  grads = _clipped(reads, grads)
+  _, new = _inner_update(options, reads, grads, inner_state, weights)
+  kept = tree_where(finite, new, inner_state)
+  moments = kept if a.tail is None else kept[0]
+  mu_hat = optax.tree.bias_correction(moments.mu, a.b1, moments.count)
+  nu_hat = optax.tree.bias_correction(moments.nu, a.b2, moments.count)
+  u = {k: mu_hat[k] / (jnp.sqrt(nu_hat[k] + a.eps_root) + a.eps) for k in weights}
+  if a.tail is not None:
+    old = inner_state if not options.inner_params else sync_schedule_counts(inner_state,
+                                                                            reads.count)
+    u, _ = a.tail.update(u, tuple(old[1:]), _f32(weights) if options.inner_params else None)
   out = {}
   for k, w in weights.items():
-    u = mu_hat[k] / (jnp.sqrt(nu_hat[k] + a.eps_root) + a.eps)
-    v = _non_target_out(options, w, u, reads.learning_rate, fused)
+    v = _non_target_out(options, w, u[k], reads.learning_rate, fused)
     out[k] = jnp.where(finite, v, w if fused else jnp.zeros_like(v))
   return out, kept
+
+
+def _f32(weights: dict) -> dict:
+  return jax.tree.map(lambda w: w.astype(jnp.float32), weights)
 
 
 def _clipped(reads: StepReads, grads: dict) -> dict:

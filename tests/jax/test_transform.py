@@ -158,6 +158,69 @@ def test_non_target_adam_by_selects_equals_the_conditional(clip_norm):
     jax.tree.map(np.testing.assert_array_equal, a[3][0], a[2][0])
 
 
+@pytest.mark.parametrize("clip_norm", [None, 0.5])
+def test_promised_chain_form_steps_non_targets_by_selects(clip_norm):
+  """``chain(losia(config), optax.adamw(schedule, weight_decay=...))`` is recognised as
+  Adam followed by scalar-state pieces, so its non-targets step without a
+  conditional too. The same optimizer spelled so that it is not recognised (Adam
+  inside a nested chain) takes the conditional: same trajectory (state within
+  1 ulp), a skipped non-finite step included, on the optax path and the fused one."""
+  cfg = losia_jax.LoSiAConfig(rank_factor=0.34, period=2, non_target="train")
+  sched = optax.warmup_cosine_decay_schedule(0.0, 0.02, 2, 7)
+  adam = lambda: optax.scale_by_adam(b1=0.8, b2=0.95, eps=1e-6)
+  head = (optax.clip_by_global_norm(clip_norm),) if clip_norm else ()
+  fast = losia_jax.chain(*head, losia_jax.losia(cfg),
+                         optax.adamw(sched, b1=0.8, b2=0.95, eps=1e-6, weight_decay=0.1))
+  general = losia_jax.chain(*head, losia_jax.losia(cfg), optax.chain(
+      optax.chain(adam()), optax.add_decayed_weights(0.1), optax.scale_by_learning_rate(sched)))
+  find = lambda tx: tx.plan.__self__.options  # the LoSiAFunctions inside the chain
+  assert find(fast).adam is not None and find(fast).adam.tail is not None
+  assert find(general).adam is None
+  params = tiny_params()
+  rng = np.random.default_rng(0)
+  grads = [random_grads(params, rng) for _ in range(7)]
+  grads[3]["model"]["embed_tokens"]["embedding"] = \
+      grads[3]["model"]["embed_tokens"]["embedding"].at[1, 2].set(jnp.inf)
+
+  def run(tx, fused):
+    step = (jax.jit(lambda p, s, g: tx.apply_gradients(g, s, p)) if fused else
+            jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(
+                *tx.update(g, s, p))))
+    p, s = params, tx.init(params)
+    out = []
+    for g in grads:
+      p, s = step(p, s, g)
+      out.append((p, jax.tree.leaves(s)))
+    return out
+
+  for fused in (False, True):
+    a, b = run(fast, fused), run(general, fused)
+    for (pa, sa), (pb, sb) in zip(a, b):
+      jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), pa, pb)
+      assert len(sa) == len(sb)
+      for x, y in zip(sa, sb):  # 1 ulp: XLA may contract the clip's scale into Adam's square
+        np.testing.assert_allclose(x, y, rtol=2.5e-7, atol=0)
+    jax.tree.map(np.testing.assert_array_equal, a[3][0], a[2][0])
+    # the schedule and decay did act: the non-targets moved on the finite steps
+    emb = lambda p: np.asarray(p["model"]["embed_tokens"]["embedding"])
+    assert not np.array_equal(emb(a[6][0]), emb(a[5][0]))
+
+
+@pytest.mark.parametrize("optimizer, recognised", [
+    (lambda: optax.scale_by_adam(), True),
+    (lambda: optax.adam(1e-3), True),
+    (lambda: optax.adamw(optax.cosine_decay_schedule(1e-3, 10), weight_decay=0.1), True),
+    (lambda: optax.chain(optax.scale_by_adam(), optax.scale(-1e-3)), True),
+    (lambda: optax.adam(1e-3, nesterov=True), False),
+    (lambda: optax.chain(optax.scale_by_adam(), optax.trace(0.9)), False),  # momentum after Adam
+    (lambda: optax.chain(optax.clip(1.0), optax.scale_by_adam()), False),  # Adam not first
+    (lambda: optax.lion(1e-3), False),
+])
+def test_adam_settings_recognises_adam_and_its_scalar_state_tail(optimizer, recognised):
+  from losia_jax.inner import adam_settings
+  assert (adam_settings(optimizer()) is not None) == recognised
+
+
 def test_init_is_abstract_and_state_shapes_never_change():
   cfg = losia_jax.LoSiAConfig(rank_factor=0.34, period=1)  # relocalize every step
   tx = losia_jax.losia(0.01, cfg)
@@ -459,9 +522,10 @@ def test_fused_step_copies_no_matrix_sized_buffer(with_output):
     assert (float(jnp.abs(v.ibar).sum()) > 0) == (role in profiled), role
 
 
+@pytest.mark.parametrize("form", ["builtin", "chain"])
 @pytest.mark.parametrize("stacked", [False, True])
 @pytest.mark.parametrize("non_target", ["freeze", "train"])
-def test_optax_step_writes_params_in_place(stacked, non_target):
+def test_optax_step_writes_params_in_place(stacked, non_target, form):
   """``tx.update`` + ``optax.apply_updates`` in one jit with donated params, the form
   users write: XLA folds ``p + scatter_add(0, block)`` into an in-place scatter of the
   params and copies no target weight (the profiling reads come first). So its
@@ -476,7 +540,11 @@ def test_optax_step_writes_params_in_place(stacked, non_target):
     layers = jax.tree.map(lambda *x: jnp.stack(x), *layers)
   params = {"model": {"layers": layers, "embed_tokens": {"embedding": jnp.ones((vocab, d_in))}}}
   cfg = losia_jax.LoSiAConfig(rank_factor=0.125, period=3, non_target=non_target)
-  tx = losia_jax.losia(LR, cfg, weight_decay=0.01, stacked_layers=stacked)
+  if form == "builtin":
+    tx = losia_jax.losia(LR, cfg, weight_decay=0.01, stacked_layers=stacked)
+  else:  # the promised form: the user's AdamW as the inner optimizer
+    tx = losia_jax.chain(losia_jax.losia(cfg, stacked_layers=stacked),
+                         optax.adamw(LR, weight_decay=0.01))
   state = tx.init(params)
   grads = jax.tree.map(lambda x: jnp.full_like(x, 0.5), params)
 
