@@ -123,6 +123,10 @@ def main():
   run("losia fused, non_target=train", losia_jax.losia(1e-4, cfg_train), losia_fused, cfg_train)
   run("losia optax path, non_target=train", losia_jax.losia(1e-4, cfg_train), optimizer_step,
       cfg_train)
+  # the promised form: the user's own AdamW as LoSiA's inner optimizer
+  chained = lambda: losia_jax.chain(losia_jax.losia(cfg_train), optax.adamw(1e-4, weight_decay=0.0))
+  run("chain(losia, adamw) fused, train", chained(), losia_fused, cfg_train)
+  run("chain(losia, adamw) optax path, train", chained(), optimizer_step, cfg_train)
   # the same parameters as one stacked leaf per role (scan-over-layers layout)
   unstacked = params
   params = stack_layers(params)
