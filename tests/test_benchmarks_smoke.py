@@ -310,3 +310,42 @@ def test_jax_torch_step_tiny_run(tmp_path, capsys):
   assert set(data["steps_s"]) == {"jax", "jax, autodiff dot", "torch"}
   assert len(data["gemms"]) == 12
   assert all(_finite(v) and v > 0 for v in data["steps_s"].values())
+
+
+@pytest.mark.slow
+def test_peers_7b_tiny_run_amortizes_pro_over_the_slots(tmp_path):
+  """``peers_7b.py --tiny``: every LoRA and LoSiA row in both backends, no full or
+  GaLore row, the slot-amortized LoSiA-Pro step, the computed AdamW state, and
+  its own section of a copy of RESULTS.md (the rest of the file untouched)."""
+  md = tmp_path / "R.md"
+  md.write_text("# tables\n\nkept\n")
+  out = tmp_path / "7b.json"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env.pop("XLA_FLAGS", None)
+  subprocess.run(
+      [sys.executable, os.path.join(ROOT, "benchmarks", "peers_7b.py"), "--tiny", "--layers",
+       "2", "--seq", "8", "--steps", "1", "--rounds", "1", "--isolation", "inline",
+       "--write", "--results-md", str(md), "--json-out", str(out)],
+      check=True, cwd=ROOT, env=env, timeout=300)
+  doc = json.loads(out.read_text())
+  bench = load_script("peers_7b_under_test", os.path.join(ROOT, "benchmarks", "peers_7b.py"))
+  assert set(doc["results"]) == {"jax/llama2-7b-2l", "torch/llama2-7b-2l"}
+  for key, res in doc["results"].items():
+    names = set(res["rows"])
+    assert "full" not in names and not any(n.startswith("galore") for n in names), key
+    assert {"losia-pro", "losia-pro (layer profiling)", res["matched_lora"]} <= names, key
+    s = res["summary"]
+    out_slot = res["rows"]["losia-pro"]["median_s"]
+    layer_slot = res["rows"]["losia-pro (layer profiling)"]["median_s"]
+    assert math.isclose(s["pro_amortized_s"], (out_slot + 2 * layer_slot) / 3)
+    assert s["adamw_state_bytes"] == 8 * bench.total_params(doc["workload"]["config"])
+    assert _finite(s["state_vs_adamw"]) and _finite(s["pro_amortized_vs_best_lora"])
+  # the model the workers built has exactly the counted parameters
+  import transformers
+  cfg = transformers.LlamaConfig(**doc["workload"]["config"])
+  with __import__("torch").device("meta"):
+    n = sum(p.numel() for p in transformers.LlamaForCausalLM(cfg).parameters())
+  assert n == bench.total_params(doc["workload"]["config"])
+  text = md.read_text()
+  assert text.startswith("# tables\n\nkept\n")
+  assert text.count(bench.MD_BEGIN) == 1 and "of the fastest LoRA's" in text
