@@ -100,6 +100,35 @@ def summarize(res: dict, w: dict) -> dict:
   return s
 
 
+def notes(res: dict, w: dict) -> list[str]:
+  """What the figures are made of: FLOPs, the state's importance buffers, the slot rows."""
+  rows, c = res["rows"], w["config"]
+  tokens, h, vocab = w["batch"] * w["seq"], c["hidden_size"], c["vocab_size"]
+  out = []
+  best, pro = rows.get(res.get("best_lora") or "", {}), rows.get("losia-pro", {})
+  if "gflops" in best and "gflops" in pro:
+    out.append(f"XLA's FLOP count per step: {res['best_lora']} {best['gflops']:,.0f}, LoSiA-Pro "
+               f"(output slot) {pro['gflops']:,.0f} ({pro['gflops'] / best['gflops']:.2f}x), "
+               f"its time {pro['median_s'] / best['median_s']:.2f}x.")
+  los = rows.get("losia", {})
+  if los.get("importance_bytes"):
+    adamw = res["summary"]["adamw_state_bytes"]
+    out.append(f"Of LoSiA's {los['opt_state_bytes'] / 2**20:,.0f} MiB of state, "
+               f"{los['importance_bytes'] / 2**20:,.0f} MiB are importance buffers (two fp32 per "
+               "entry of the matrices that profile: the output layer's "
+               f"{vocab:,} x {h:,} and, in JAX, one decoder layer's); without them the state "
+               f"is {(los['opt_state_bytes'] - los['importance_bytes']) / adamw:.3f} of AdamW's.")
+  head_rows = 2 * tokens * round(vocab * peers.LOSIA_FACTOR) * h / 1e9
+  head = 2 * tokens * vocab * h / 1e9
+  out.append(f"The output slot's row computes the output layer's full weight gradient "
+             f"({head:,.1f} GFLOP) and no decoder layer's; the layer slot's row computes one "
+             "decoder layer's full weight gradients, and leaves the output layer out of the "
+             "targets (so that a decoder layer owns the timed slot), so it lacks the output "
+             f"rows' block gradient ({head_rows:,.1f} GFLOP) that a real layer slot also "
+             "computes. LoRA leaves the output layer frozen.")
+  return out
+
+
 def _x(v: Optional[float]) -> str:
   return "n/a" if v is None else f"{v:.3f}"
 
@@ -127,6 +156,7 @@ def markdown(doc: dict) -> str:
     lines.append(f"- Optimizer state, LoSiA / AdamW (computed, {s['adamw_state_bytes'] / 2**20:,.0f} "
                  f"MiB): **{_x(s.get('state_vs_adamw'))}**; peak memory, LoSiA-Pro (the larger "
                  f"slot) / {res.get('matched_lora')}: **{_x(s.get('peak_pro_vs_lora'))}**.")
+    lines += [f"- {x}" for x in notes(res, w)]
     lines.append("")
   lines.append(MD_END)
   return "\n".join(lines) + "\n"
@@ -147,11 +177,18 @@ def parse_args(argv=None):
   ap.add_argument("--write", action="store_true", help="rewrite this section of RESULTS.md")
   ap.add_argument("--results-md", default=peers.RESULTS_MD, help=argparse.SUPPRESS)
   ap.add_argument("--json-out", default=None)
+  ap.add_argument("--render", metavar="JSON", default=None,
+                  help="only rewrite the RESULTS.md section from that JSON (no run)")
   return ap.parse_args(argv)
 
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
+  if args.render:
+    with open(args.render, encoding="utf-8") as f:
+      doc = json.load(f)
+    md_sections.replace_section(args.results_md, markdown(doc), MD_BEGIN, MD_END)
+    return doc
   w = workload(args.layers, args.seq, args.batch, args.tiny)
   specs = method_specs(w)
   doc: dict[str, Any] = {

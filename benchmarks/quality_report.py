@@ -139,15 +139,16 @@ def _other_lengths(add, runs: list[dict[str, Any]], steps: int) -> None:
   n = max(r["run"]["steps"] for r in runs)
   edges = [(a, min(a + n // 8 - 1, n)) for a in range(1, n + 1, max(1, n // 8))]
   add("Mean training loss over windows of steps:\n")
-  add("| method | steps | " + " | ".join(f"{a}–{b}" for a, b in edges) + " |")
-  add("|---|---|" + "---|" * len(edges))
-  for r in sorted(runs, key=lambda r: (r["run"]["steps"], r["run"]["label"], r["run"]["seed"])):
+  add("| task | method | steps | " + " | ".join(f"{a}–{b}" for a, b in edges) + " |")
+  add("|---|---|---|" + "---|" * len(edges))
+  for r in sorted(runs, key=lambda r: (r["run"]["task"], r["run"]["steps"], r["run"]["label"],
+                                       r["run"]["seed"])):
     cells = []
     for a, b in edges:
       xs = r["losses"][a - 1:b]
       cells.append(f"{sum(xs) / len(xs):.3f}" if len(xs) == b - a + 1 else "—")
-    add(f"| {r['run']['label']} (seed {r['run']['seed']}) | {r['run']['steps']} | "
-        + " | ".join(cells) + " |")
+    add(f"| {r['run']['task']} | {r['run']['label']} (seed {r['run']['seed']}) | "
+        f"{r['run']['steps']} | " + " | ".join(cells) + " |")
   add("")
 
 
@@ -159,14 +160,14 @@ def _loss_picture(runs: list[dict[str, Any]], docs: str) -> bool:
   except ImportError:
     return False
   fig, ax = plt.subplots(figsize=(6.5, 3.8))
-  for r in sorted(runs, key=lambda r: (r["run"]["label"], r["run"]["seed"])):
+  for r in sorted(runs, key=lambda r: (r["run"]["task"], r["run"]["label"], r["run"]["seed"])):
     xs = r["losses"]
     w = max(1, len(xs) // 20)
     smooth = [sum(xs[max(0, i - w + 1):i + 1]) / len(xs[max(0, i - w + 1):i + 1])
               for i in range(len(xs))]
     ax.plot(range(1, len(xs) + 1), smooth,
-            label=f"{r['run']['label']} lr {r['run']['lr']:g}, seed {r['run']['seed']} "
-                  f"({r['run']['steps']} steps)")
+            label=f"{r['run']['task']}: {r['run']['label']} lr {r['run']['lr']:g}, "
+                  f"seed {r['run']['seed']} ({r['run']['steps']} steps)")
   ax.set_xlabel("step")
   ax.set_ylabel("training loss (running mean over 1/20 of the run)")
   ax.set_title("longer runs: training loss")
