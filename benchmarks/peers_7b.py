@@ -118,14 +118,15 @@ def notes(res: dict, w: dict) -> list[str]:
                "entry of the matrices that profile: the output layer's "
                f"{vocab:,} x {h:,} and, in JAX, one decoder layer's); without them the state "
                f"is {(los['opt_state_bytes'] - los['importance_bytes']) / adamw:.3f} of AdamW's.")
-  head_rows = 2 * tokens * round(vocab * peers.LOSIA_FACTOR) * h / 1e9
   head = 2 * tokens * vocab * h / 1e9
-  out.append(f"The output slot's row computes the output layer's full weight gradient "
-             f"({head:,.1f} GFLOP) and no decoder layer's; the layer slot's row computes one "
-             "decoder layer's full weight gradients, and leaves the output layer out of the "
-             "targets (so that a decoder layer owns the timed slot), so it lacks the output "
-             f"rows' block gradient ({head_rows:,.1f} GFLOP) that a real layer slot also "
-             "computes. LoRA leaves the output layer frozen.")
+  out.append(f"Both LoSiA-Pro rows compute the output layer's full weight gradient when it is a "
+             f"target ({head:,.1f} GFLOP: the output layer in row mode keeps an ordinary "
+             "gradient, of which the step uses its profiling slot's whole matrix or the "
+             "block's rows), the output slot's row also its importance update; the layer "
+             "slot's row computes one decoder layer's full weight gradients instead, and leaves "
+             "the output layer out of the targets (so that a decoder layer owns the timed slot), "
+             f"so it lacks those {head:,.1f} GFLOP that a real layer slot also computes. LoRA "
+             "leaves the output layer frozen.")
   return out
 
 

@@ -349,3 +349,12 @@ def test_peers_7b_tiny_run_amortizes_pro_over_the_slots(tmp_path):
   text = md.read_text()
   assert text.startswith("# tables\n\nkept\n")
   assert text.count(bench.MD_BEGIN) == 1 and "of the fastest LoRA's" in text
+
+
+@pytest.mark.parametrize("backend, method", [("jax", "losia-pro"), ("torch", "full")])
+def test_cli_step_times_a_whole_step_and_counts_page_faults(backend, method):
+  bench = load_script("cli_step_under_test", os.path.join(ROOT, "benchmarks", "cli_step.py"))
+  out = bench.main(["--tiny", "--backend", backend, "--method", method, "--steps", "2",
+                    "--warmup", "1"])
+  assert out["backend"] == backend and out["workload"] == "smollm2-135m"
+  assert _finite(out["median_s"]) and out["median_s"] > 0 and out["faults_per_step"] >= 0
