@@ -175,6 +175,14 @@ def write_model(w: dict, directory: str) -> str:
 
 # --- running the workers -------------------------------------------------------------
 
+def make_job(w: dict, model_dir: str, specs: list[dict], args) -> dict:
+  """What a worker (``peers_jax.py``, ``peers_torch.py``) runs: one workload, its rows."""
+  return {"workload": w["name"], "model_dir": model_dir, "seq": w["seq"], "batch": w["batch"],
+          "vocab": w["config"]["vocab_size"], "methods": specs, "steps": args.steps,
+          "rounds": args.rounds, "warmup": args.warmup, "period": args.period,
+          "resident": w["resident"], "dtype": args.dtype, "torch_threads": args.torch_threads}
+
+
 def _child(script: str, job: dict, tmp: str, tag: str) -> dict:
   job_path, out_path = os.path.join(tmp, f"{tag}.job.json"), os.path.join(tmp, f"{tag}.out.json")
   with open(job_path, "w", encoding="utf-8") as f:
@@ -543,11 +551,7 @@ def main(argv=None) -> dict:
     model_root = args.model_dir or tmp
     for w in ws:
       specs = method_specs(w)
-      job = {"workload": w["name"], "model_dir": write_model(w, model_root), "seq": w["seq"],
-             "batch": w["batch"], "vocab": w["config"]["vocab_size"], "methods": specs,
-             "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup,
-             "period": args.period, "resident": w["resident"], "dtype": args.dtype,
-             "torch_threads": args.torch_threads}
+      job = make_job(w, write_model(w, model_root), specs, args)
       for backend in backends:
         print(f"== {backend} / {w['name']} ({w['batch']} x {w['seq']})", flush=True)
         res = (run_jax if backend == "jax" else run_torch)(job, args.isolation, tmp)

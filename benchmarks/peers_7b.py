@@ -197,11 +197,9 @@ def main(argv=None) -> dict:
           shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)]),
       "machine": peers.machine(), "workload": w, "results": {}}
   with tempfile.TemporaryDirectory() as tmp:
-    job = {"workload": w["name"], "model_dir": peers.write_model(w, tmp), "seq": w["seq"],
-           "batch": w["batch"], "vocab": w["config"]["vocab_size"], "methods": specs,
-           "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup,
-           "period": 10_000, "resident": False, "dtype": "fp32",
-           "torch_threads": args.torch_threads}
+    # period far beyond the steps (no relocalization timed); fp32 as on every CPU row
+    job = peers.make_job(w, peers.write_model(w, tmp), specs,
+                         argparse.Namespace(**vars(args), period=10_000, dtype="fp32"))
     for backend in args.backends.split(","):
       print(f"== {backend} / {w['name']} ({w['batch']} x {w['seq']})", flush=True)
       res = (peers.run_jax if backend == "jax" else peers.run_torch)(job, args.isolation, tmp)

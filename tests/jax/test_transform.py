@@ -116,6 +116,25 @@ def test_fused_and_optax_paths_bit_identical():
     np.testing.assert_allclose(l1[i], l2[i], rtol=1e-6, atol=1e-7)
 
 
+def _trajectory_with_an_inf_step(tx, fused):
+  """(params, state leaves) after each of 7 steps of ``tx`` on ``tiny_params``, the
+  fourth gradient holding an inf in the embedding; fused path or optax path."""
+  params = tiny_params()
+  rng = np.random.default_rng(0)
+  grads = [random_grads(params, rng) for _ in range(7)]
+  grads[3]["model"]["embed_tokens"]["embedding"] = \
+      grads[3]["model"]["embed_tokens"]["embedding"].at[1, 2].set(jnp.inf)
+  step = (jax.jit(lambda p, s, g: tx.apply_gradients(g, s, p)) if fused else
+          jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(
+              *tx.update(g, s, p))))
+  p, s = params, tx.init(params)
+  out = []
+  for g in grads:
+    p, s = step(p, s, g)
+    out.append((p, jax.tree.leaves(s)))
+  return out
+
+
 @pytest.mark.parametrize("clip_norm", [None, 0.5])
 def test_non_target_adam_by_selects_equals_the_conditional(clip_norm):
   """The default inner optimizer (``optax.scale_by_adam``) steps the non-targets
@@ -129,25 +148,8 @@ def test_non_target_adam_by_selects_equals_the_conditional(clip_norm):
                                                                           eps=1e-6)), **kw)
   assert fast.update.__self__.options.adam is not None
   assert general.update.__self__.options.adam is None
-  params = tiny_params()
-  rng = np.random.default_rng(0)
-  grads = [random_grads(params, rng) for _ in range(7)]
-  grads[3]["model"]["embed_tokens"]["embedding"] = \
-      grads[3]["model"]["embed_tokens"]["embedding"].at[1, 2].set(jnp.inf)
-
-  def run(tx, fused):
-    step = (jax.jit(lambda p, s, g: tx.apply_gradients(g, s, p)) if fused else
-            jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(
-                *tx.update(g, s, p))))
-    p, s = params, tx.init(params)
-    out = []
-    for g in grads:
-      p, s = step(p, s, g)
-      out.append((p, jax.tree.leaves(s)))
-    return out
-
   for fused in (False, True):
-    a, b = run(fast, fused), run(general, fused)
+    a, b = _trajectory_with_an_inf_step(fast, fused), _trajectory_with_an_inf_step(general, fused)
     for (pa, sa), (pb, sb) in zip(a, b):
       # weights: where XLA fuses `w - lr * u` differs (FMA contraction), 1 ulp
       jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), pa, pb)
@@ -176,25 +178,8 @@ def test_promised_chain_form_steps_non_targets_by_selects(clip_norm):
   find = lambda tx: tx.plan.__self__.options  # the LoSiAFunctions inside the chain
   assert find(fast).adam is not None and find(fast).adam.tail is not None
   assert find(general).adam is None
-  params = tiny_params()
-  rng = np.random.default_rng(0)
-  grads = [random_grads(params, rng) for _ in range(7)]
-  grads[3]["model"]["embed_tokens"]["embedding"] = \
-      grads[3]["model"]["embed_tokens"]["embedding"].at[1, 2].set(jnp.inf)
-
-  def run(tx, fused):
-    step = (jax.jit(lambda p, s, g: tx.apply_gradients(g, s, p)) if fused else
-            jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(
-                *tx.update(g, s, p))))
-    p, s = params, tx.init(params)
-    out = []
-    for g in grads:
-      p, s = step(p, s, g)
-      out.append((p, jax.tree.leaves(s)))
-    return out
-
   for fused in (False, True):
-    a, b = run(fast, fused), run(general, fused)
+    a, b = _trajectory_with_an_inf_step(fast, fused), _trajectory_with_an_inf_step(general, fused)
     for (pa, sa), (pb, sb) in zip(a, b):
       jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), pa, pb)
       assert len(sa) == len(sb)
