@@ -231,13 +231,18 @@ def _update_non_targets(options: Options, reads: StepReads, state: LoSiAState, w
                       reads.learning_rate)
 
 
-def _inner_update(options: Options, reads: StepReads, grads: dict, inner_state, weights: dict):
-  """``options.inner.update`` on the non-targets: with their fp32 weights and the
-  schedule counters at the global step when the inner optimizer reads params."""
+def _inner_args(options: Options, reads: StepReads, inner_state, weights: dict):
+  """The state and params ``options.inner.update`` gets on the non-targets: the
+  schedule counters at the global step and the fp32 weights when it reads params."""
   if options.inner_params:
-    return options.inner.update(grads, sync_schedule_counts(inner_state, reads.count),
-                                _f32(weights))
-  return options.inner.update(grads, inner_state)
+    return sync_schedule_counts(inner_state, reads.count), _f32(weights)
+  return inner_state, None
+
+
+def _inner_update(options: Options, reads: StepReads, grads: dict, inner_state, weights: dict):
+  """``options.inner.update`` on the non-targets (see :func:`_inner_args`)."""
+  state, params = _inner_args(options, reads, inner_state, weights)
+  return options.inner.update(grads, state, params)
 
 
 def _adam_non_targets(options: Options, reads: StepReads, grads: dict, weights: dict,
@@ -255,17 +260,15 @@ def _adam_non_targets(options: Options, reads: StepReads, grads: dict, weights: 
   fuses into ``optax.apply_updates`` instead of being materialized.
   """
   a, finite = options.adam, reads.finite
-  grads = _clipped(reads, grads)
-  _, new = _inner_update(options, reads, grads, inner_state, weights)
+  state, params = _inner_args(options, reads, inner_state, weights)
+  _, new = options.inner.update(_clipped(reads, grads), state, params)
   kept = tree_where(finite, new, inner_state)
   moments = kept if a.tail is None else kept[0]
   mu_hat = optax.tree.bias_correction(moments.mu, a.b1, moments.count)
   nu_hat = optax.tree.bias_correction(moments.nu, a.b2, moments.count)
   u = {k: mu_hat[k] / (jnp.sqrt(nu_hat[k] + a.eps_root) + a.eps) for k in weights}
-  if a.tail is not None:
-    old = inner_state if not options.inner_params else sync_schedule_counts(inner_state,
-                                                                            reads.count)
-    u, _ = a.tail.update(u, tuple(old[1:]), _f32(weights) if options.inner_params else None)
+  if a.tail is not None:  # the pieces after Adam, with their state before this step
+    u, _ = a.tail.update(u, tuple(state[1:]), params)
   out = {}
   for k, w in weights.items():
     v = _non_target_out(options, w, u[k], reads.learning_rate, fused)
