@@ -24,7 +24,7 @@ from losia_jax.inner import AdamSettings, sync_schedule_counts
 from losia_jax.profiling import Schedule
 from losia_jax.schedule import rewarm_factor, slot_owner
 from losia_jax.state import LoSiAState, TargetState
-from losia_jax.steps import all_finite, clip_factor, sq_norm, tree_where
+from losia_jax.steps import all_finite, clip_factor, sq_norm, sum_scalars, tree_where
 from losia_jax.targets import DimensionNumbersArg, LoSiAPlan, make_plan
 
 
@@ -150,17 +150,15 @@ def read_gradients(options: Options, schedule: Schedule, plan: LoSiAPlan, grads:
     if need_old_blocks:
       old_blocks[b.role] = blocks.gather_bucket(weights, b, ts.rows, ts.cols, ts.starts)
   profiling_finite, profiling_sq = schedule.inspect_profiling(plan, view, owner)
-  finite = all_finite(grad_blocks.values()) & profiling_finite
-  if options.train_non_targets:
-    finite = finite & all_finite(view.leaf(k, i) for k, i in plan.non_targets)
+  non_targets = ([view.leaf(k, i) for k, i in plan.non_targets]
+                 if options.train_non_targets else [])
+  finite = all_finite([*grad_blocks.values(), *non_targets], flags=[profiling_finite])
 
   clip = None
   if options.clip_norm is not None:
     sq = schedule.read_sq_norm(jnp.zeros([], jnp.float32), plan, view, grad_blocks, owner,
                                profiling_sq)
-    if options.train_non_targets:
-      for k, i in plan.non_targets:
-        sq = sq + sq_norm(view.leaf(k, i))
+    sq = sum_scalars([sq, *map(sq_norm, non_targets)])
     clip = clip_factor(jnp.sqrt(sq), options.clip_norm)
     grad_blocks = {r: g * clip for r, g in grad_blocks.items()}
   return StepReads(plan, view, count, owner, lr, finite, clip, grad_blocks, old_blocks)
