@@ -32,8 +32,9 @@ def sum_scalars(scalars) -> jax.Array:
   chain into every fusion that reads the result. The step's finiteness and
   clip factor are read by every update of the step, so the copies grow the
   program with leaves x consumers, quadratically in the number of layers
-  (137k against 64k optimized HLO instructions on 30 layers with trained
-  non-targets, and twice the compile time). A reduction is kept as one kernel.
+  (on 30 SmolLM2 layers with trained non-targets: 137k optimized HLO
+  instructions with the chain, 58.5k with one reduction, and 1.5x the compile
+  time, 24.8 s against 16.1 s). A reduction is kept as one kernel.
   """
   scalars = list(scalars)
   v = jnp.zeros([len(scalars)], jnp.float32)
