@@ -46,6 +46,9 @@ class ProGradients(NamedTuple):
 class DenseGradients:
   """Reads of a parameter-shaped gradient tree; ``ops`` are its leaves."""
 
+  # the profiling layer's gradients are read at its (traced) layer
+  owner_independent = False
+
   def __init__(self, grads: Any, plan: LoSiAPlan):
     self.ops = jax.tree_util.tree_leaves(grads)
     if len(self.ops) != len(plan.keys):
@@ -100,6 +103,14 @@ class CompactGradients:
 
   def leaf(self, key: str, index: int):
     return self.grads.dense[key]
+
+  # the profiling layer's gradients are the same arrays whichever layer it is
+  owner_independent = True
+
+  def owner_matrix(self, bucket: Bucket) -> jax.Array:
+    """The full gradient of the profiling layer's matrix of ``bucket``'s role (zeros
+    when that layer has none; the output layer's, in row mode)."""
+    return self.layer(self.ops, bucket, 0, None)
 
 
 GradientView = Union[DenseGradients, CompactGradients]

@@ -119,6 +119,7 @@ class _Route:
   def __init__(self, bucket, member: int):
     self.bucket, self.member = bucket, member
     self.role = bucket.role
+    self.layer = bucket.members[member].layer_ids[0]
 
 
 def _routes(plan) -> dict[str, _Route]:
@@ -134,6 +135,25 @@ def _routes(plan) -> dict[str, _Route]:
         raise ValueError(f"LoSiA-Pro needs Flax-layout [in, out] kernels; {t.key} is [out, in]")
       out[b.identities[b.offsets[j]]] = _Route(b, j)
   return out
+
+
+def _pick(picks: dict, layer: int, here: jax.Array, x: jax.Array,
+          prev: Optional[jax.Array]) -> jax.Array:
+  """``x`` if ``here`` (this layer profiles), else ``prev``: one link of a role's chain
+  that carries the profiling layer's input to the backward.
+
+  Roles that read the same input (``q``, ``k`` and ``v``; ``gate`` and ``up``)
+  share one chain: a link is reused when layer, input and previous link are the
+  same objects, so that a LLaMA layer has four activation-sized selects per
+  step instead of seven. Roles of one layer profile together, so a shared
+  link is exact.
+  """
+  if prev is None:  # one zero start per shape, shared by the roles that read it
+    prev = picks.setdefault(("zeros", x.shape, x.dtype), (jnp.zeros(x.shape, x.dtype),))[0]
+  key = (layer, id(x), id(prev))
+  if key not in picks:  # (x, prev) are kept with the link so their ids stay theirs
+    picks[key] = (jnp.where(here, jax.lax.stop_gradient(x), prev), x, prev)
+  return picks[key][0]
 
 
 def value_and_grad(loss_fn: Callable[..., Any], tx: LoSiATransformation, *,
@@ -209,6 +229,7 @@ def value_and_grad(loss_fn: Callable[..., Any], tx: LoSiATransformation, *,
       p = jax.tree_util.tree_unflatten(plan.treedef, new_leaves)
       seen: dict[str, int] = {}
       xprof: dict[str, jax.Array] = {}
+      picks: dict[tuple, tuple] = {}
 
       def linear(identity, x, kernel, bias):
         r = routes.get(identity)
@@ -224,8 +245,7 @@ def value_and_grad(loss_fn: Callable[..., Any], tx: LoSiATransformation, *,
           # exact zeros in the forward; d(loss)/d(probe) = dy of the profiling matrix
           here = mine[r.role][j]
           y = y + jnp.where(here, probes[r.role], 0).astype(y.dtype)
-          prev = xprof.get(r.role, jnp.zeros(x.shape, x.dtype))
-          xprof[r.role] = jnp.where(here, jax.lax.stop_gradient(x), prev)
+          xprof[r.role] = _pick(picks, r.layer, here, x, xprof.get(r.role))
         return y
 
       out = loss_fn(p, linear, *args)

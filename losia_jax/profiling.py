@@ -44,7 +44,7 @@ from losia_jax.gradients import GradientView
 from losia_jax.importance import ImportanceState, accumulate_importance, importance_score
 from losia_jax.selection import select_rows, select_subnet
 from losia_jax.state import LoSiAState, TargetState
-from losia_jax.steps import all_finite, product, sq_norm
+from losia_jax.steps import all_finite, product, sq_norm, sum_scalars
 from losia_jax.targets import Bucket, LoSiAPlan, TargetSpec
 
 
@@ -118,21 +118,32 @@ class AsyncSchedule(_Schedule):
 
   def inspect_profiling(self, plan: LoSiAPlan, grads: GradientView, owner: jax.Array
                         ) -> tuple[jax.Array, jax.Array]:
-    """Whether the profiling layer's full gradients are finite, and their squared norm."""
+    """Whether the profiling layer's full gradients are finite, and their squared norm.
+
+    Each matrix gives one partial sum, ``sum(g - g)`` (0, or NaN when an entry
+    is not finite: one reduction kernel, see :func:`~losia_jax.steps.all_finite`),
+    and ``sq_norm(g)`` with clipping. LoSiA-Pro's gradients hold the owner's
+    matrices themselves (:meth:`~losia_jax.gradients.CompactGradients.owner_matrix`),
+    read without a conditional; dense ones are read at the owner's layer in one
+    switch whose branches run just these reductions (every branch is compiled).
+    """
     zero = jnp.zeros([], jnp.float32)
 
-    def check(bucket, member, local, grad_ops):
-      g = grads.layer(grad_ops, bucket, member, local)
-      return jnp.all(jnp.isfinite(g)), (sq_norm(g) if self.clipping else zero)
+    def check(g):
+      return jnp.sum(g - g, dtype=jnp.float32), (sq_norm(g) if self.clipping else zero)
 
-    none = lambda bucket: (jnp.array(True), zero)
-    found, _ = _per_owner(plan, owner, check, none, grads.ops)
-    ok, sq = jnp.array(True), zero
+    if grads.owner_independent:
+      found = {b.role: check(grads.owner_matrix(b)) for b in plan.buckets}
+    else:
+      found, _ = _per_owner(plan, owner,
+                            lambda b, member, local, ops: check(grads.layer(ops, b, member, local)),
+                            lambda b: (zero, zero), grads.ops)
+    partials, sq = [], []
     for b in plan.buckets:
       mine = holds_matrix(b, plan, owner)
-      ok = ok & (found[b.role][0] | ~mine)
-      sq = sq + jnp.where(mine, found[b.role][1], 0.0)
-    return ok, sq
+      partials.append(jnp.where(mine, found[b.role][0], 0.0))
+      sq.append(jnp.where(mine, found[b.role][1], 0.0))
+    return jnp.isfinite(sum_scalars(partials)), sum_scalars(sq) if self.clipping else zero
 
   def read_sq_norm(self, sq: jax.Array, plan: LoSiAPlan, grads: GradientView,
                    grad_blocks: dict[str, jax.Array], owner: jax.Array,

@@ -60,6 +60,11 @@ def loss_of(layers: int):
 
 
 def compiled_kernels(layers: int, schedule: str, path: str) -> int:
+  return distinct_kernels(compiled_step(layers, schedule, path))
+
+
+def compiled_step(layers: int, schedule: str, path: str) -> str:
+  """The optimized HLO text of a jitted train step."""
   params = params_of(layers)
   cfg = losia_jax.LoSiAConfig(rank_factor=0.25, period=2, schedule=schedule,
                               output_rank_factor=0.25)
@@ -83,8 +88,7 @@ def compiled_kernels(layers: int, schedule: str, path: str) -> int:
     def step(p, s, ids):
       _, g = vg(p, s, ids)
       return tx.apply_gradients(g, s, p)
-  text = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, ids).compile().as_text()
-  return distinct_kernels(text)
+  return jax.jit(step, donate_argnums=(0, 1)).lower(params, state, ids).compile().as_text()
 
 
 @pytest.mark.parametrize("schedule,path", [("async", "fused"), ("async", "optax"),
@@ -97,6 +101,22 @@ def test_the_train_step_compiles_no_kernel_per_layer(schedule, path):
   added 12 (async fused and optax), 33 (Pro) and 25 (sync)."""
   few, many = (compiled_kernels(n, schedule, path) for n in (3, 6))
   assert many - few <= 2, (few, many)
+
+
+def switches_over_layers(hlo_text: str, layers: int) -> int:
+  """Conditionals with a branch per layer (or more): ``lax.switch`` over the owner."""
+  return sum(len(m.group(1).split(",")) > layers
+             for m in re.finditer(r"conditional\(.*branch_computations=\{([^}]*)\}", hlo_text))
+
+
+@pytest.mark.parametrize("path,switches", [("fused", 2), ("pro", 1)])
+def test_only_the_weights_are_read_through_a_switch_over_layers(path, switches):
+  """Every branch of a switch over layers is compiled, so it stays tiny and rare. A
+  dense gradient needs two: the profiling layer's gradients are read (finite? and
+  their norm, for clipping) before the step writes, and its weights with them for
+  importance after. LoSiA-Pro's gradients already hold the profiling layer's
+  matrices, so only the weights are switched (it had two, like the dense path)."""
+  assert switches_over_layers(compiled_step(4, "async", path), 4) == switches
 
 
 def test_runtime_offsets_are_the_bucket_offsets():

@@ -223,3 +223,37 @@ def test_pro_follows_the_models_compute_dtype():
                                    **bf16_tol(want))
         profiled += 1
   assert profiled == 7  # every projection of the profiling layer
+
+
+def test_roles_that_read_one_input_share_its_profiling_chain():
+  """The profiling layer's input reaches the backward through one select per layer
+  and input: q, k and v read the same activation, and so do gate and up, so a LLaMA
+  layer carries four activation-sized selects instead of seven (each is a pass over
+  an activation at run time). Counted in the jaxpr on a model whose projection
+  widths differ from the residual width (16 against 12), so that the selects of the
+  residual width are the q/k/v and gate/up links plus the o and down probes
+  (27 with a chain per role)."""
+  from flax import nnx
+  from losia_jax.models import LlamaForCausalLM, ModelConfig, functional, masked_nll
+  layers, b, t = 3, 2, 5
+  cfg = ModelConfig(vocab_size=32, hidden_size=12, intermediate_size=20,
+                    num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
+                    head_dim=8, tie_word_embeddings=True)
+  params, apply, _ = functional(LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)))
+  loss_fn = lambda p, linear, ids: masked_nll(apply(p, ids, linear=linear), ids)
+  tx = losia_jax.losia(1e-2, losia_jax.LoSiAConfig(rank_factor=0.5, period=2))
+  ids = jnp.zeros((b, t), jnp.int32)
+  jaxpr = jax.make_jaxpr(pro.value_and_grad(loss_fn, tx))(params, tx.init(params), ids)
+
+  def selects(jaxpr, shape):  # select_n of that shape, inside jnp.where's pjit too
+    n = 0
+    for eqn in jaxpr.eqns:
+      n += eqn.primitive.name == "select_n" and eqn.outvars[0].aval.shape == shape
+      for p in eqn.params.values():
+        sub = getattr(p, "jaxpr", p)
+        if hasattr(sub, "eqns"):
+          n += selects(sub, shape)
+    return n
+  # per layer: the q/k/v and the gate/up link, and the o and down probes in the
+  # forward and their transposes in the backward (one chain per role: 9)
+  assert selects(jaxpr.jaxpr, (b, t, 12)) == 6 * layers
