@@ -9,7 +9,10 @@ side (so drift of a shared machine hits every method alike):
   ``tx.update`` + ``optax.apply_updates``; losia = ``jax.value_and_grad`` +
   ``tx.apply_gradients``; losia-pro = ``pro.value_and_grad`` + ``tx.apply_gradients``;
 - ``opt``: the optimizer step alone on parameter-shaped gradients (adamw vs
-  LoSiA's fused step), unstacked and with stacked (scan-over-layers) leaves.
+  LoSiA's fused step), unstacked and with stacked (scan-over-layers) leaves;
+- ``floor``: the one thing every LoSiA step on per-layer leaves must compile, one
+  in-place block scatter-add per target matrix, against as many elementwise adds:
+  XLA's CPU backend compiles each scatter on its own even when identical.
 
 Everything is lowered from abstract shapes (nothing is allocated) with donated
 params and state; the figures are ``lower().compile()`` seconds and the
@@ -17,7 +20,7 @@ number of instructions (and of ``conditional`` instructions) in the optimized
 HLO, which is deterministic where seconds are noisy.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/jax_compile_time.py [--layers 4 8 16 30]
-        [--parts train opt] [--non-target train|freeze] [--json FILE]
+        [--parts train opt floor] [--non-target train|freeze] [--json FILE]
         [--md benchmarks/RESULTS.md] [--note TEXT]
     .venv/bin/python benchmarks/jax_compile_time.py --from-json FILE --md benchmarks/RESULTS.md
 
@@ -112,6 +115,30 @@ def train_steps(layers: int, cfg: losia_jax.LoSiAConfig):
           "losia-pro": (losia_pro, params, ls, ids)}
 
 
+def floor_steps(layers: int, cfg: losia_jax.LoSiAConfig):
+  """What every LoSiA step compiles whatever its code: one in-place block scatter-add
+  per target matrix (7 per layer, donated Flax kernels, p = 1/8 blocks), next to the
+  same number of elementwise adds of the same shapes, which XLA compiles once per shape."""
+  del cfg
+  params, _ = model_fns(layers)
+  leaf = lambda x: isinstance(x, jax.ShapeDtypeStruct)
+  ws = [w for w in jax.tree.leaves(params["model"]["layers"], is_leaf=leaf)
+        if len(w.shape) == 2]
+  idx = [(jax.ShapeDtypeStruct((w.shape[0] // 8,), jnp.int32),
+          jax.ShapeDtypeStruct((w.shape[1] // 8,), jnp.int32)) for w in ws]
+  blocks = [jax.ShapeDtypeStruct((w.shape[0] // 8, w.shape[1] // 8), w.dtype) for w in ws]
+
+  def scatters(ws, blocks, idx):
+    return [w.at[c[:, None], r[None, :]].add(b, indices_are_sorted=True, unique_indices=True)
+            for w, b, (c, r) in zip(ws, blocks, idx)], blocks
+
+  def adds(ws, blocks, idx):
+    del idx
+    return [w + 1e-3 for w in ws], blocks
+
+  return {"adds": (adds, ws, blocks, idx), "scatters": (scatters, ws, blocks, idx)}
+
+
 def opt_steps(layers: int, cfg: losia_jax.LoSiAConfig):
   params, _ = model_fns(layers)
   layers_list = params["model"]["layers"]
@@ -154,7 +181,9 @@ def markdown(results: dict, args, when: float | None = None) -> str:
          "ratio is to full fine-tuning's step, or to AdamW's for the optimizer alone, "
          "compiled in the same process) and optimized-HLO instruction counts "
          "(deterministic). `train`: forward, backward and optimizer; `opt`: the "
-         "optimizer step alone on parameter-shaped gradients (LoSiA's fused step). "
+         "optimizer step alone on parameter-shaped gradients (LoSiA's fused step); "
+         "`floor`: the block scatter-adds alone, one per target matrix, against as many "
+         "elementwise adds of the same shapes. "
          "XLA's CPU backend compiles each distinct kernel once (about 10-15 ms each): "
          "LoSiA's layers share their kernels (`TargetState.starts`), so what it adds is "
          "a fixed set per role (profiling, selection, relocalization: the stacked "
@@ -182,6 +211,8 @@ def markdown(results: dict, args, when: float | None = None) -> str:
 def _reference(part: str, name: str) -> str:
   if part == "train":
     return "full"
+  if part == "floor":
+    return "adds"
   return "adamw stacked" if "stacked" in name else "adamw"
 
 
@@ -193,7 +224,8 @@ def insert_section(path: str, block: str) -> None:
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--layers", type=int, nargs="+", default=[4, 8, 16, 30])
-  ap.add_argument("--parts", nargs="+", default=["train", "opt"], choices=["train", "opt"])
+  ap.add_argument("--parts", nargs="+", default=["train", "opt"],
+                  choices=["train", "opt", "floor"])
   ap.add_argument("--json", default=None, help="also write the figures to this file")
   ap.add_argument("--from-json", default=None, help="write --md from this --json's figures "
                                                     "instead of measuring")
@@ -213,7 +245,7 @@ def main(argv=None):
         f"compile seconds / optimized HLO instructions / conditionals")
   for part in args.parts:
     for n in args.layers:
-      steps = (train_steps if part == "train" else opt_steps)(n, cfg)
+      steps = {"train": train_steps, "opt": opt_steps, "floor": floor_steps}[part](n, cfg)
       row = {name: measure(*spec) for name, spec in steps.items()}
       results[f"{part} {n}"] = row
       cells = []

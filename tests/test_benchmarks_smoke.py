@@ -314,17 +314,20 @@ def test_jax_torch_step_tiny_run(tmp_path, capsys):
 
 
 def test_jax_compile_time_runs_and_writes_its_section(tmp_path):
-  """benchmarks/jax_compile_time.py on one layer (optimizer step only, abstract
-  SmolLM2 shapes): every variant has a compile time and an HLO count, and the
-  section names the non-target policy it measured."""
+  """benchmarks/jax_compile_time.py on one layer (optimizer step and the scatter
+  floor, abstract SmolLM2 shapes): every variant has a compile time and an HLO
+  count, and the section names the non-target policy it measured."""
   bench = load_script("jax_compile_time_under_test",
                       os.path.join(ROOT, "benchmarks", "jax_compile_time.py"))
   out, md = tmp_path / "ct.json", tmp_path / "R.md"
   md.write_text("# results\n")
-  bench.main(["--layers", "1", "--parts", "opt", "--json", str(out), "--md", str(md)])
-  row = json.loads(out.read_text())["opt 1"]
-  assert set(row) == {"adamw", "losia", "adamw stacked", "losia stacked"}
-  assert all(_finite(r["compile_s"]) and r["hlo"] > 0 for r in row.values())
+  bench.main(["--layers", "1", "--parts", "opt", "floor", "--json", str(out), "--md", str(md)])
+  doc = json.loads(out.read_text())
+  assert set(doc["opt 1"]) == {"adamw", "losia", "adamw stacked", "losia stacked"}
+  assert set(doc["floor 1"]) == {"adds", "scatters"}
+  rows = [*doc["opt 1"].values(), *doc["floor 1"].values()]
+  assert all(_finite(r["compile_s"]) and r["hlo"] > 0 for r in rows)
+  assert "`floor`:" in md.read_text()
   assert "--non-target train" in md.read_text()
 
 @pytest.mark.slow
