@@ -257,3 +257,35 @@ def test_roles_that_read_one_input_share_its_profiling_chain():
   # per layer: the q/k/v and the gate/up link, and the o and down probes in the
   # forward and their transposes in the backward (one chain per role: 9)
   assert selects(jaxpr.jaxpr, (b, t, 12)) == 6 * layers
+
+
+@pytest.mark.parametrize("clip_norm", [None, 1.0])
+def test_a_non_finite_profiling_gradient_skips_the_step(clip_norm):
+  """Pro's profiling gradients are read without a switch over layers: a NaN in the
+  profiling layer's matrix skips the step (params, indices and importance as they
+  were, ``notfinite_count`` + 1), as a NaN in a block does; the same NaN where no
+  matrix of that role profiles (the output layer's slot) is not read, and the step runs."""
+  cfg = losia_jax.LoSiAConfig(rank_factor=0.5, period=2, output_rank_factor=0.25,
+                              non_target="freeze")
+  tx = losia_jax.losia(1e-2, cfg, output_module="embed_tokens", clip_norm=clip_norm)
+  params = toy_params()
+  ids = jnp.asarray(np.random.default_rng(0).integers(0, V, (2, 6)))
+  vg = pro.value_and_grad(toy_loss, tx)
+
+  def step_with(count, poison):
+    state = tx.init(params)._replace(count=jnp.asarray(count, jnp.int32))
+    _, g = vg(params, state, ids)
+    g = poison(g)
+    new, s = jax.jit(tx.apply_gradients)(g, state, params)
+    moved = any(bool(jnp.any(a != b)) for a, b in zip(jax.tree.leaves(new),
+                                                       jax.tree.leaves(params)))
+    return moved, int(s.notfinite_count), int(s.count) - count
+
+  nan_profile = lambda g: g._replace(profile={**g.profile, "mlp.down_proj":
+                                              g.profile["mlp.down_proj"].at[0, 0].set(jnp.nan)})
+  nan_block = lambda g: g._replace(blocks={**g.blocks, "mlp.up_proj":
+                                           g.blocks["mlp.up_proj"].at[1, 0, 0].set(jnp.inf)})
+  assert step_with(4, lambda g: g) == (True, 0, 1)  # layers[1] profiles (id 2)
+  assert step_with(4, nan_profile) == (False, 1, 0)
+  assert step_with(4, nan_block) == (False, 1, 0)
+  assert step_with(0, nan_profile) == (True, 0, 1)  # the output layer's slot: not read
