@@ -19,7 +19,8 @@ gets ``+ [layer == owner] * e_role`` where ``e_role`` is a zero "probe" of the
 output's shape, one per role. The forward value is unchanged (it adds exact
 zeros), and ``∂loss/∂e_role`` is exactly ``dy`` of the owner's matrix of that
 role. The owner's input ``x`` is picked in the forward by a select chain (no
-residual, one activation-sized buffer per role), and the full gradient is the
+residual, one activation-sized buffer per distinct input: roles that read the
+same activation, as q/k/v do, share one chain), and the full gradient is the
 one extra matmul ``xᵀ · dy``, the matmul non-Pro LoSiA does for every target.
 
 Use :func:`value_and_grad` in place of ``jax.value_and_grad``; it returns
