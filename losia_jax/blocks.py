@@ -82,7 +82,8 @@ def layer_slice(x: jax.Array, spec: TargetSpec, local: jax.Array) -> jax.Array:
   """The per-layer matrix ``local`` of a stacked leaf (the leaf itself otherwise)."""
   if not spec.stacked:
     return x
-  return jax.lax.dynamic_index_in_dim(x, local, axis=0, keepdims=False)
+  return jax.lax.dynamic_index_in_dim(x, local, axis=0, keepdims=False,
+                                     allow_negative_indices=False)
 
 
 def set_block(x: jax.Array, spec: TargetSpec, rows: jax.Array, cols: jax.Array,
@@ -114,7 +115,7 @@ def member_span(x: jax.Array, bucket: Bucket, member: int, starts: Starts = ()) 
   if len(bucket.members) == 1:
     return x
   if starts:
-    return jax.lax.dynamic_slice_in_dim(x, starts[member], n)
+    return jax.lax.dynamic_slice_in_dim(x, starts[member], n, allow_negative_indices=False)
   start = bucket.offsets[member]
   return x[start:start + n]
 
@@ -125,7 +126,8 @@ def set_member_span(x: jax.Array, bucket: Bucket, member: int, part: jax.Array,
   if len(bucket.members) == 1:
     return part
   start = starts[member] if starts else bucket.offsets[member]
-  return jax.lax.dynamic_update_slice_in_dim(x, part.astype(x.dtype), start, 0)
+  return jax.lax.dynamic_update_slice_in_dim(x, part.astype(x.dtype), start, 0,
+                                             allow_negative_indices=False)
 
 
 def gather_bucket(leaves: Sequence[jax.Array], bucket: Bucket, rows: jax.Array,

@@ -218,8 +218,10 @@ class AsyncSchedule(_Schedule):
       # a dynamic-update-slice, not a scatter: XLA's CPU backend compiles every
       # scatter into a kernel of its own (about 10 ms of compile time each)
       def at_owner(x, new, position=slot.position, moves=moves):
-        old = jax.lax.dynamic_index_in_dim(x, position, keepdims=False)
-        return jax.lax.dynamic_update_index_in_dim(x, jnp.where(moves, new, old), position, 0)
+        old = jax.lax.dynamic_index_in_dim(x, position, keepdims=False,
+                                           allow_negative_indices=False)
+        return jax.lax.dynamic_update_index_in_dim(x, jnp.where(moves, new, old), position, 0,
+                                                   allow_negative_indices=False)
 
       rows, cols = new_indices[b.role]
       targets[b.role] = ts._replace(

@@ -133,9 +133,9 @@ def test_runtime_offsets_are_the_bucket_offsets():
 
 
 
-def scalar_adds_with_norms(layers: int, clip_norm) -> int:
-  """Scalar fp32 adds in the optimized HLO of the toy model's train step, with a
-  trained norm (a non-target) per layer."""
+def step_with_norms(layers: int, clip_norm) -> str:
+  """The optimized HLO of the toy model's train step, with a trained norm (a
+  non-target) per layer."""
   params = params_of(layers)
   for lp in params["model"]["layers"]:
     lp["norm"] = {"scale": jnp.ones((D,), jnp.float32)}
@@ -155,8 +155,12 @@ def scalar_adds_with_norms(layers: int, clip_norm) -> int:
   def step(p, s, ids):
     g = jax.grad(lambda q: loss(q, pro.default_linear, ids))(p)
     return tx.apply_gradients(g, s, p)
-  text = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, ids).compile().as_text()
-  return len(re.findall(r"= f32\[\] add\(", text))
+  return jax.jit(step, donate_argnums=(0, 1)).lower(params, state, ids).compile().as_text()
+
+
+def scalar_adds_with_norms(layers: int, clip_norm) -> int:
+  """Scalar fp32 adds in :func:`step_with_norms`."""
+  return len(re.findall(r"= f32\[\] add\(", step_with_norms(layers, clip_norm)))
 
 
 @pytest.mark.parametrize("clip_norm", [None, 1.0])
@@ -171,3 +175,15 @@ def test_the_step_grows_linearly_with_the_number_of_layers(clip_norm):
   the chain gave 276, 466, 704; one reduction gives 53, 59, 65)."""
   a, b, c = (scalar_adds_with_norms(n, clip_norm) for n in (2, 4, 6))
   assert (c - b) - (b - a) <= 2, (a, b, c)
+
+
+def test_the_partial_sums_are_gathered_without_a_write_per_leaf():
+  """The partial sums of the step's finiteness and norm are gathered into one
+  vector by a concatenate. Written into a zero vector one by one, each write
+  was a dynamic-update-slice at its own offset, so a distinct kernel: 70 on
+  30 SmolLM2 layers, about 1.3 s of XLA:CPU compile time. Here the count of
+  dynamic-update-slices must not grow with the layers (it did: 32, 36, 40
+  at 2, 4 and 6 layers)."""
+  counts = [len(re.findall(r"dynamic-update-slice\(", step_with_norms(n, 1.0)))
+            for n in (2, 4, 6)]
+  assert counts[0] == counts[1] == counts[2], counts

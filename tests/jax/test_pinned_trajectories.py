@@ -16,7 +16,11 @@ old code before re-recording. The three runs with ``clip_norm`` were re-recorded
 when the step's squared norm became one reduction over the per-leaf partial sums
 instead of a chain of scalar adds (which XLA copied into every reader's fusion):
 the clip factor's summation order changed, every index stayed identical over
-the 10 steps and every float leaf within 3.5e-7 of its largest magnitude.
+the 10 steps and every float leaf within 3.5e-7 of its largest magnitude. The
+two with a stage-level ``clip_norm`` on the fused path were re-recorded when
+those partial sums came to be gathered by a concatenate instead of one write
+each (XLA reduces the vector in another order): indices identical again,
+floats within 3.5e-7 of the largest magnitude, checked step by step.
 
 The runs feed given gradients, so no model matmul enters them: a matmul's bits
 depend on how many threads XLA's CPU backend splits it over (LoSiA-Pro, whose
