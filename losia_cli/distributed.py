@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
+import time
 from typing import Any, Mapping, Optional
 
 ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
@@ -26,6 +28,25 @@ TORCHRUN = "torchrun --nproc-per-node N -m losia_cli --backend torch ..."
 
 class LaunchError(ValueError):
   """The command cannot run as launched (exit code 2, one line)."""
+
+
+# How long a process other than rank 0 waits, after meeting an error, for torchrun to stop it.
+REPORT_WAIT_S = 60.0
+
+
+def report_unless_rank0_does(text: str, environ: Mapping[str, str] = os.environ) -> None:
+  """Prints ``text`` (an error of a process other than rank 0) unless torchrun ends us first.
+
+  Every process meets the same bad input, and rank 0 alone reports it. Were the others
+  to exit at once, torchrun would see a failed worker first and stop rank 0 (SIGTERM),
+  possibly before it has printed anything: the user would get torchrun's summary and no
+  reason. So under torchrun the others wait; once rank 0 has exited with its report,
+  torchrun stops them. If that does not come within :data:`REPORT_WAIT_S` (the error was
+  this process's own), this one reports it.
+  """
+  if "TORCHELASTIC_RUN_ID" in environ:
+    time.sleep(REPORT_WAIT_S)
+  print(text, file=sys.stderr)
 
 
 @dataclasses.dataclass(frozen=True)

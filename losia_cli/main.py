@@ -49,13 +49,16 @@ def main(argv: Optional[list[str]] = None) -> int:
   rank = os.environ.get("RANK", "0") if "WORLD_SIZE" in os.environ else "0"
   say = (lambda text: print(text, file=sys.stderr)) if rank == "0" else (lambda text: None)
   internal = PROG if rank == "0" else f"{PROG} (rank {rank})"
+  # An error that ends the run: the others wait for rank 0's report (distributed.py).
+  fail = say if rank == "0" else (
+      lambda text: P.report_unless_rank0_does(text.replace(PROG, internal, 1)))
   try:
     return Run(parse_flags(argv)).execute()
   except HelpExit as e:
     return e.status
   except (UsageError, CliError, D.DataError, ck.OutputDirError, RS.ResumeError,
           ModelFileError, P.LaunchError) as e:
-    say(f"{PROG}: error: {e}")
+    fail(f"{PROG}: error: {e}")
     return 2
   except S.Preempted as e:
     say(f"{PROG}: {e.message}")
@@ -67,7 +70,7 @@ def main(argv: Optional[list[str]] = None) -> int:
       return 1
     # The environment (a full disk, a permission, a vanished mount), not a bug:
     # name the path; what was saved before is intact (every write is atomic).
-    say(f"{PROG}: error: cannot write or read {e.filename}: {e.strerror or e}; fix that "
+    fail(f"{PROG}: error: cannot write or read {e.filename}: {e.strerror or e}; fix that "
         "(free space, permissions), then continue with --resume")
     return 2
   except KeyboardInterrupt:

@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
+from losia_cli import distributed as P
 from losia_cli import main as main_mod
 from losia_cli import report as R
 from tests.cli.test_cli_e2e import data_file, tiny  # noqa: F401 (the same fixtures)
@@ -274,14 +275,31 @@ def test_what_cannot_run_as_launched_is_one_line(tiny, data_file, tmp_path, caps
   assert not out.exists()
 
 
+@pytest.mark.parametrize("under_torchrun", [True, False], ids=["torchrun", "env-only"])
 def test_other_ranks_leave_the_report_to_rank_0(tiny, data_file, tmp_path, capsys,
-                                                monkeypatch):
+                                                monkeypatch, under_torchrun):
+  """Rank 1 meets the same bad input: under torchrun it waits first (torchrun stops it once
+  rank 0 has reported; returning at once let torchrun stop rank 0 before it printed), and
+  only if it outlives the wait does it say the error itself, marked with its rank."""
   for key, value in TORCHRUN_ENV.items():
     monkeypatch.setenv(key, value)
   monkeypatch.setenv("RANK", "1")
+  if under_torchrun:
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+  else:
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+  waits = []
+
+  def sleep(seconds):
+    waits.append((seconds, capsys.readouterr().err))
+
+  monkeypatch.setattr(P.time, "sleep", sleep)
   assert main_mod.main(flags(tiny, data_file, "torch", tmp_path / "run", "--batch-size",
                              "3")) == 2
-  assert capsys.readouterr().err == ""
+  assert waits == ([(P.REPORT_WAIT_S, "")] if under_torchrun else [])
+  lines = capsys.readouterr().err.splitlines()
+  assert len(lines) == 1 and lines[0].startswith("losia-finetune (rank 1): error: argument "
+                                                 "--batch-size: 3 sequences"), lines
 
 
 # --- JAX: --devices N ----------------------------------------------------------------------
