@@ -12,7 +12,9 @@ side (so drift of a shared machine hits every method alike):
   LoSiA's fused step), unstacked and with stacked (scan-over-layers) leaves;
 - ``floor``: the one thing every LoSiA step on per-layer leaves must compile, one
   in-place block scatter-add per target matrix, against as many elementwise adds:
-  XLA's CPU backend compiles each scatter on its own even when identical.
+  XLA's CPU backend compiles each scatter on its own even when identical. A third
+  column compiles the same writes without a scatter (``jax_scatter_floor.masked_add``,
+  a pass over every matrix, whose cost per step ``jax_scatter_floor.py`` prints).
 
 Everything is lowered from abstract shapes (nothing is allocated) with donated
 params and state; the figures are ``lower().compile()`` seconds and the
@@ -52,6 +54,7 @@ from losia_jax.models.llama import LlamaForCausalLM, ModelConfig
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import md_sections  # noqa: E402
+from jax_scatter_floor import masked_add  # noqa: E402
 
 SMOLLM2 = dict(hidden=576, intermediate=1536, heads=9, kv_heads=3, vocab=49152)
 BATCH, SEQ = 4, 256
@@ -136,7 +139,11 @@ def floor_steps(layers: int, cfg: losia_jax.LoSiAConfig):
     del idx
     return [w + 1e-3 for w in ws], blocks
 
-  return {"adds": (adds, ws, blocks, idx), "scatters": (scatters, ws, blocks, idx)}
+  def masked(ws, blocks, idx):
+    return [masked_add(w, b, c, r) for w, b, (c, r) in zip(ws, blocks, idx)], blocks
+
+  return {"adds": (adds, ws, blocks, idx), "scatters": (scatters, ws, blocks, idx),
+          "masked writes": (masked, ws, blocks, idx)}
 
 
 def opt_steps(layers: int, cfg: losia_jax.LoSiAConfig):
@@ -183,7 +190,9 @@ def markdown(results: dict, args, when: float | None = None) -> str:
          "(deterministic). `train`: forward, backward and optimizer; `opt`: the "
          "optimizer step alone on parameter-shaped gradients (LoSiA's fused step); "
          "`floor`: the block scatter-adds alone, one per target matrix, against as many "
-         "elementwise adds of the same shapes. "
+         "elementwise adds of the same shapes and against the same writes without a "
+         "scatter (`masked writes`: one pass over every matrix, which "
+         "`benchmarks/jax_scatter_floor.py` times per step). "
          "XLA's CPU backend compiles each distinct kernel once (about 10-15 ms each): "
          "LoSiA's layers share their kernels (`TargetState.starts`), so what it adds is "
          "a fixed set per role (profiling, selection, relocalization: the stacked "

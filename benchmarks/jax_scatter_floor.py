@@ -6,6 +6,13 @@ donated weights — the two things every LoSiA step must do — next to a full
 ``optax.adamw`` step on the same matrices, and prints the ratios. Whatever the
 fused step costs above this floor is LoSiA's own overhead.
 
+One more row times :func:`masked_add`, the block write without a scatter (one
+elementwise pass over every matrix). XLA's CPU backend compiles each scatter on
+its own even when identical, while equal elementwise kernels are compiled once,
+so this write compiles faster (``jax_compile_time.py --parts floor``); this row
+shows what it costs at every step instead. The library keeps the scatter: a
+compile is paid once, a step thousands of times.
+
     .venv/bin/python benchmarks/jax_scatter_floor.py
 """
 
@@ -24,6 +31,24 @@ from jax_optimizer_step import smollm2_params
 ROLES = [("self_attn", ["q_proj", "k_proj", "v_proj", "o_proj"]),
          ("mlp", ["gate_proj", "up_proj", "down_proj"])]
 FLAGS = dict(indices_are_sorted=True, unique_indices=True, mode="promise_in_bounds")
+
+
+def masked_add(w: jax.Array, block: jax.Array, c: jax.Array, r: jax.Array) -> jax.Array:
+  """``w.at[c[:, None], r[None, :]].add(block)`` (sorted unique ``c``, ``r``) without a scatter.
+
+  Every entry of ``w`` is read and written: where both its row and its column are
+  chosen it gets ``block``'s entry, gathered through each index's inverse map
+  (found by comparisons), elsewhere it is kept as is (a select, not ``+ 0``).
+  """
+  def inverse(idx, n):
+    ar = jnp.arange(n, dtype=idx.dtype)
+    pos = jnp.minimum(jnp.sum(idx[None, :] < ar[:, None], axis=1), idx.shape[0] - 1)
+    return pos, jnp.take(idx, pos) == ar
+
+  pc, hc = inverse(c, w.shape[0])
+  pr, hr = inverse(r, w.shape[1])
+  g = jnp.take(jnp.take(block, pc, axis=0), pr, axis=1).astype(w.dtype)
+  return jnp.where(hc[:, None] & hr[None, :], w + g, w)
 
 
 def median_ms(fn, args, donate, n=10):
@@ -60,6 +85,9 @@ def main():
   def scatter(ws, blocks, idx):
     return [w.at[c[:, None], r[None, :]].add(b, **FLAGS) for w, b, (r, c) in zip(ws, blocks, idx)]
 
+  def masked(ws, blocks, idx):
+    return [masked_add(w, b, c, r) for w, b, (r, c) in zip(ws, blocks, idx)]
+
   tx = optax.adamw(1e-4, weight_decay=0.0)
 
   def adamw(ws, state, gs):
@@ -68,6 +96,9 @@ def main():
 
   t_gather = median_ms(gather, (gs, idx), ())
   t_scatter = median_ms(scatter, ([jnp.copy(w) for w in ws], blocks, idx), (0,))
+  t_masked = median_ms(masked, ([jnp.copy(w) for w in ws], blocks, idx), (0,))
+  same = all(bool(jnp.array_equal(a, b)) for a, b in zip(
+      jax.jit(scatter)(ws, blocks, idx), jax.jit(masked)(ws, blocks, idx)))
   state = tx.init(ws)
   jf = jax.jit(adamw, donate_argnums=(0, 1))
   p, s = jf([jnp.copy(w) for w in ws], state, gs)
@@ -85,6 +116,8 @@ def main():
   print(f"{'block scatter-adds (in place)':34s} {t_scatter:8.2f} {t_scatter / t_adamw:8.3f}")
   print(f"{'floor (gathers + scatters)':34s} {t_gather + t_scatter:8.2f} "
         f"{(t_gather + t_scatter) / t_adamw:8.3f}")
+  print(f"{'masked writes (no scatter)':34s} {t_masked:8.2f} {t_masked / t_adamw:8.3f}  "
+        f"{t_masked / t_scatter:.2f}x the scatter-adds, {'same' if same else 'DIFFERENT'} values")
 
 
 if __name__ == "__main__":

@@ -324,7 +324,7 @@ def test_jax_compile_time_runs_and_writes_its_section(tmp_path):
   bench.main(["--layers", "1", "--parts", "opt", "floor", "--json", str(out), "--md", str(md)])
   doc = json.loads(out.read_text())
   assert set(doc["opt 1"]) == {"adamw", "losia", "adamw stacked", "losia stacked"}
-  assert set(doc["floor 1"]) == {"adds", "scatters"}
+  assert set(doc["floor 1"]) == {"adds", "scatters", "masked writes"}
   rows = [*doc["opt 1"].values(), *doc["floor 1"].values()]
   assert all(_finite(r["compile_s"]) and r["hlo"] > 0 for r in rows)
   assert "`floor`:" in md.read_text()
