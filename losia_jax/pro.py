@@ -57,9 +57,6 @@ from losia_jax.schedule import slot_owner
 from losia_jax.gradients import ProGradients
 from losia_jax.state import LoSiATransformation
 
-_TAKE = dict(axis=-1, mode="clip", indices_are_sorted=True, unique_indices=True)
-
-
 # ``kernel`` and ``block`` arrive already in the compute dtype (``x.dtype``), cast
 # by ``project`` exactly as the plain hook casts, so the forward is the plain
 # product and the backward is the plain backward restricted to the block.
@@ -71,14 +68,14 @@ def _pro_matmul(x, kernel, block, rows, cols):
 
 def _pro_fwd(x, kernel, block, rows, cols):
   # The only activation residual is x restricted to the block's input neurons.
-  x_cols = jnp.take(x, cols, **_TAKE)
+  x_cols = blocks.take(x, cols, -1)
   return jnp.dot(x, kernel), (x_cols, kernel, rows, cols)
 
 
 def _pro_bwd(res, dy):
   x_cols, kernel, rows, cols = res
   dx = jnp.dot(dy, kernel.T).astype(x_cols.dtype)
-  dy_rows = jnp.take(dy, rows, **_TAKE)
+  dy_rows = blocks.take(dy, rows, -1)
   k_in, k_out = x_cols.shape[-1], dy_rows.shape[-1]
   dblock = x_cols.reshape(-1, k_in).T @ dy_rows.reshape(-1, k_out)
   zero_int = lambda a: jnp.zeros(a.shape, jax.dtypes.float0)
