@@ -14,6 +14,19 @@ alone on the 2-core machine (2026-12-03): it runs 9.2x slower than the in-place
 scatter-adds (79 against 8.6 ms) and compiles slower too (3.3 against 1.6 s at
 30 layers), so the library keeps the scatter.
 
+A second write without a scatter was tried in the library itself (2026-12-03,
+not kept): each per-layer block spread to its matrix's shape by two gathers from
+a copy padded with -0.0, through inverse maps of the indices (one scatter per
+role builds them), and added to the weight. The values are bit-identical (-0.0
+added to a weight leaves its bits), and the kernels are loop fusions of one shape,
+which XLA compiles once. The 30-layer train step then compiled in 1.17x full
+fine-tuning's time for LoSiA and 1.49x for LoSiA-Pro, against 1.52x and 1.81x
+with the scatters (fastest of three runs each, same session, the train step of
+``jax_compile_time.py``). But the fused optimizer step of
+``jax_optimizer_step.py`` (non_target=freeze) went from 29 to 102 ms, and the
+optax path with non_target=train from 0.54x to 1.00x of AdamW's step: about 73 ms
+more per step, so the 1.2-1.3 s it saves once is lost again after some 20 steps.
+
     .venv/bin/python benchmarks/jax_scatter_floor.py
 """
 
