@@ -21,7 +21,8 @@ role builds them), and added to the weight. The values are bit-identical (-0.0
 added to a weight leaves its bits), and the kernels are loop fusions of one shape,
 which XLA compiles once. The 30-layer train step then compiled in 1.17x full
 fine-tuning's time for LoSiA and 1.49x for LoSiA-Pro, against 1.52x and 1.81x
-with the scatters (fastest of three runs each, same session, the train step of
+with the scatters (1.52x and 1.83x after the indices stopped wrapping around;
+fastest of three runs each, same session, the train step of
 ``jax_compile_time.py``). But the fused optimizer step of
 ``jax_optimizer_step.py`` (non_target=freeze) went from 29 to 102 ms, and the
 optax path with non_target=train from 0.54x to 1.00x of AdamW's step: about 73 ms

@@ -102,7 +102,8 @@ def pro_linear(x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array], block
     bias: ``[d_out]`` or None; differentiated as usual.
     block: ``[k_in, k_out]``, the current value of ``kernel[cols][:, rows]``.
       Only its gradient matters: ``x[..., cols]ᵀ dy[..., rows]``.
-    rows, cols: int32 sorted output and input neuron indices of the block.
+    rows, cols: int32 sorted, unique output and input neuron indices of the block,
+      in bounds (read without clamping).
 
   Returns:
     ``[..., d_out]``, bit-identical to ``default_linear(_, x, kernel, bias)``.
