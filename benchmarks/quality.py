@@ -5,7 +5,8 @@ through the CLI's own backends (same data order, steps, batch and sequence
 length for all), evaluates each exported model on a validation and a separate
 test split, on a capitals knowledge probe and on the perplexity of a fixed text
 shipped with Python (``benchmarks/quality_eval.py``), and writes
-``benchmarks/quality.json`` and ``docs/QUALITY.md`` (``benchmarks/quality_report.py``)::
+``benchmarks/quality.json`` and ``docs/QUALITY.md`` (``benchmarks/quality_report.py``).
+What it runs (methods, grids, ablations, presets) is ``benchmarks/quality_plan.py``::
 
     python benchmarks/quality.py --quick          # <= 45 min on a 2-core CPU
     python benchmarks/quality.py                  # the full default (hours; resumable)
@@ -31,9 +32,7 @@ import argparse
 import concurrent.futures
 import dataclasses
 import datetime
-import hashlib
 import json
-import math
 import os
 import platform
 import shlex
@@ -48,6 +47,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 import quality_report  # noqa: E402  (benchmarks/ is not a package)
+from quality_lock import RunLock  # noqa: E402
+from quality_plan import (  # noqa: E402,F401  (the plan; tests read it through this module)
+    ABLATION_GROUPS, ABLATIONS, CONTINUAL_METHODS, DEFAULT_S_PER_STEP, MAX_EXTENSIONS,
+    METHOD_BACKENDS, METHODS, PRESETS, RUN_OVERHEAD_S, Run, next_rate, selection_key)
 
 JSON_PATH = os.path.join(HERE, "quality.json")
 REPORT_PATH = os.path.join(ROOT, "docs", "QUALITY.md")
@@ -56,104 +59,6 @@ RUNS_DIR = os.path.join(HERE, "quality-runs")
 FINDINGS_PATH = os.path.join(HERE, "quality_findings.md")
 SINGLE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                  "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"}
-
-# Grids are ascending; a grid whose edge wins on validation grows (Harness.grid).
-MAX_EXTENSIONS = 2
-LORA_LRS = (5e-4, 1e-3, 2e-3)
-LOSIA_LRS = (2e-4, 5e-4, 1e-3)
-# label -> (CLI method, extra flags, learning-rate grid). LoRA's alpha is 2r throughout
-# (the usual documented setting); "lora-matched" gets its rank from LoSiA's trainable count.
-METHODS: dict[str, tuple[str, tuple[str, ...], tuple[float, ...]]] = {
-    "full": ("full", (), (2e-5, 5e-5, 1e-4)),
-    "lora-r8": ("lora", ("--lora-rank", "8", "--lora-alpha", "16"), LORA_LRS),
-    "lora-r16": ("lora", ("--lora-rank", "16", "--lora-alpha", "32"), LORA_LRS),
-    "lora-matched": ("lora", (), LORA_LRS),
-    "dora-r8": ("lora", ("--lora-variant", "dora", "--lora-rank", "8", "--lora-alpha", "16"),
-                LORA_LRS),
-    "pissa-r8": ("lora", ("--lora-variant", "pissa", "--lora-rank", "8", "--lora-alpha", "16"),
-                 (2e-4, 5e-4, 1e-3)),
-    "losia": ("losia", (), LOSIA_LRS),
-    "losia-pro": ("losia-pro", (), LOSIA_LRS),
-    # LoSiA with a 4x larger block (p = 1/4, a sixteenth of each matrix instead of a
-    # sixty-fourth) and its own rate sweep: on 576-wide layers p = 1/8 is a 72 x 72 block,
-    # and the quick preset's p ablation found block size and rate interact (p = 1/4 collapsed
-    # at p = 1/8's rate and was LoSiA's best run at half of it), so it is swept, not ablated.
-    "losia-p0.25": ("losia", ("--rank-factor", "0.25"), LOSIA_LRS),
-    # GaLore (the paper's baseline) with LLaMA-Factory's defaults: rank 16, SVD refresh every
-    # 200 steps (so once, at step 0, in a 100-step run), scale 2.0, std side. The grid
-    # brackets LLaMA-Factory's documented GaLore fine-tuning rate at scale 2.0, 1e-4 (the
-    # CLI's default), by 2x each way. At equal rates the targets' update is about
-    # scale * sqrt(r / min(d_in, d_out)) = 1/3 (k, v: 0.6) of full AdamW's (Frobenius
-    # norm, SmolLM2 shapes), while the embedding and norms get full AdamW's: 5e-5 gives those
-    # full's default rate, 2e-4 gives the targets about full's mid-grid step.
-    "galore-r16": ("galore", ("--galore-rank", "16"), (5e-5, 1e-4, 2e-4)),
-}
-# label -> the backend it runs on when not the harness's --backend: GaLore is the JAX
-# backend's only (optax; the registry's galore-torch needs bitsandbytes). Everything else of
-# the run is the same (steps, batch, seq-len, seed and so data order, the evaluation).
-METHOD_BACKENDS = {"galore-r16": "jax"}
-# LoSiA ablations: name -> extra flags (added to the LoSiA run at its chosen rate).
-ABLATIONS: dict[str, tuple[str, ...]] = {
-    "sync": ("--schedule", "sync"),
-    "no-rewarm": ("--no-rewarm",),
-    "p=1/16": ("--rank-factor", "0.0625"),
-    "p=1/4": ("--rank-factor", "0.25"),
-    "T=3": ("--period", "3"),
-    "T=10": ("--period", "10"),
-    "T=50": ("--period", "50"),
-    "non-target freeze": ("--non-target", "freeze"),
-    "output layer not a target": ("--output-rank-factor", "0"),
-    "no clipping": ("--max-grad-norm", "0"),
-}
-ABLATION_GROUPS = {"schedule": ("sync",), "rewarm": ("no-rewarm",), "p": ("p=1/16", "p=1/4"),
-                   "period": ("T=3", "T=10", "T=50"),
-                   "policy": ("non-target freeze", "output layer not a target", "no clipping")}
-
-PRESETS: dict[str, dict[str, Any]] = {
-    "quick": {"tasks": ["arithmetic"], "methods": ["full", "lora-r8", "losia"], "steps": 80,
-              "seeds": [0], "ablate": [], "continual": False, "n_val": 48, "n_test": 96,
-              "n_capitals": 40, "ppl_chunks": 4, "ppl_len": 128, "pro_sweep": False},
-    "full": {"tasks": ["arithmetic", "cities"], "methods": list(METHODS), "steps": 100,
-             "seeds": [0, 1, 2], "ablate": list(ABLATION_GROUPS), "continual": True,
-             "n_val": 64, "n_test": 160, "n_capitals": 80, "ppl_chunks": 8, "ppl_len": 128,
-             "pro_sweep": False},
-}
-CONTINUAL_METHODS = ("full", "lora-r8", "losia")
-# For --dry-run's estimate before any run is done: one SmolLM2 step of 8 x 64 tokens on one
-# idle CPU core (LoSiA, torch; full fine-tuning is slower, LoRA faster), and the per-run
-# model load, export and evaluation.
-DEFAULT_S_PER_STEP = 5.5
-RUN_OVERHEAD_S = 90
-
-
-@dataclasses.dataclass(frozen=True)
-class Run:
-  """One ``losia-finetune`` invocation and its evaluation."""
-
-  phase: str        # sweep | seeds | ablation | continual
-  task: str
-  label: str        # METHODS key
-  lr: float
-  seed: int
-  steps: int
-  extra: tuple[str, ...] = ()
-  ablation: str = ""
-  init: str = ""    # key of the run whose exported model this one starts from
-  other_task: str = ""
-
-  @property
-  def method(self) -> str:
-    return METHODS[self.label][0]
-
-  def backend(self, default: str) -> str:
-    return METHOD_BACKENDS.get(self.label, default)
-
-  @property
-  def key(self) -> str:
-    tag = hashlib.sha1(json.dumps([self.extra, self.init]).encode()).hexdigest()[:6]
-    abl = "-" + "".join(c if c.isalnum() else "_" for c in self.ablation) if self.ablation else ""
-    return (f"{self.task}-{self.label}{abl}-lr{self.lr:.0e}-s{self.seed}-{self.steps}st-"
-            f"{tag}{'-cont' if self.init else ''}")
 
 
 class Harness:
@@ -292,11 +197,11 @@ class Harness:
       got = [self.done(self._sweep_run(task, label, lr)) for lr in lrs]
       if any(g is None for g in got):
         break
-      best = min(range(len(lrs)), key=lambda i: _selection_key(got[i]))
+      best = min(range(len(lrs)), key=lambda i: selection_key(got[i]))
       if best == len(lrs) - 1:
-        lrs.append(_next_rate(lrs[-1], up=True))
+        lrs.append(next_rate(lrs[-1], up=True))
       elif best == 0:
-        lrs.insert(0, _next_rate(lrs[0], up=False))
+        lrs.insert(0, next_rate(lrs[0], up=False))
       else:
         break
     return tuple(lrs)
@@ -328,7 +233,7 @@ class Harness:
     got = [(self.done(r), r) for r in cands]
     if not got or any(g is None for g, _ in got):
       return None
-    return min(got, key=lambda x: _selection_key(x[0]))[1].lr
+    return min(got, key=lambda x: selection_key(x[0]))[1].lr
 
   def later(self) -> list[Run]:
     """Seeds, ablations and continual runs: planned once the sweeps they depend on are done."""
@@ -425,7 +330,7 @@ class Harness:
   def execute(self, run: Run, keep_model: bool) -> dict[str, Any]:
     out = os.path.join(self.o.runs_dir, run.key)
     os.makedirs(self.o.runs_dir, exist_ok=True)
-    with _RunLock(out + ".lock"):
+    with RunLock(out + ".lock"):
       return self._execute(run, out, keep_model)
 
   def _execute(self, run: Run, out: str, keep_model: bool) -> dict[str, Any]:
@@ -575,68 +480,6 @@ class Harness:
     print(f"wrote {self.o.report}", flush=True)
 
 
-class _RunLock:
-  """One harness process per run directory.
-
-  Two invocations (say, a sitting and a side-by-side one with its own ``--json``) may
-  plan the same run; the second would resume from the first's checkpoints into the
-  same directory and both would write it. The lock file holds the owner's pid; a lock
-  whose process is gone (a killed sitting) is taken over.
-  """
-
-  def __init__(self, path: str):
-    self.path = path
-
-  def __enter__(self) -> "_RunLock":
-    for _ in range(2):
-      try:
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-      except FileExistsError:
-        try:
-          with open(self.path, encoding="utf-8") as f:
-            pid = int(f.read().strip() or 0)
-        except (OSError, ValueError):
-          pid = 0
-        if pid and _alive(pid):
-          raise RuntimeError(f"another harness process (pid {pid}) is running this run "
-                             f"({self.path}); it is left to that one") from None
-        os.remove(self.path)  # stale: its process is gone
-        continue
-      with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(str(os.getpid()))
-      return self
-    raise RuntimeError(f"could not take the run lock {self.path}")
-
-  def __exit__(self, *exc) -> None:
-    try:
-      os.remove(self.path)
-    except FileNotFoundError:
-      pass
-
-
-def _alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
-
-
-def _selection_key(res: dict[str, Any]) -> tuple[float, float]:
-  """Order of swept runs: best validation accuracy first, then lower tail training loss."""
-  return (-(res["val"] or 0.0), res["loss_tail"])
-
-
-def _next_rate(lr: float, up: bool) -> float:
-  """The neighbour of ``lr`` on the 1-2-5 series (5e-4 -> 1e-3 up, -> 2e-4 down): one
-  significant digit, so run keys (``lr`` written as ``%.0e``) never collide."""
-  exp = math.floor(math.log10(lr) + 1e-9)
-  series = (1, 2, 5)
-  i = min(range(3), key=lambda k: abs(series[k] - lr / 10 ** exp)) + (1 if up else -1)
-  exp, i = exp + i // 3, i % 3
-  return float(f"{series[i]}e{exp}")
 
 
 def _pct(x) -> str:

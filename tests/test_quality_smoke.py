@@ -148,7 +148,7 @@ def test_a_grid_grows_past_an_edge_that_wins(tmp_path):
                                                                        "loss_tail": loss}
   for lr, val in zip(grid, (0.1, 0.2, 0.3)):  # the highest rate wins
     record(lr, val)
-  up = quality._next_rate(grid[-1], up=True)
+  up = quality.next_rate(grid[-1], up=True)
   assert up == 5e-3 and sorted(r.lr for r in h.sweep()) == [*grid, up]
   assert h.best_lr("arithmetic", "lora-r8") is None  # waits for the new rate
   record(up, 0.25)
@@ -158,7 +158,7 @@ def test_a_grid_grows_past_an_edge_that_wins(tmp_path):
   fixed.state = h.state
   assert sorted(r.lr for r in fixed.sweep()) == list(grid)
   # the bottom edge, on the 1-2-5 series, never colliding with a run key
-  assert quality._next_rate(5e-4, up=False) == 2e-4 and quality._next_rate(1e-4, up=False) == 5e-5
+  assert quality.next_rate(5e-4, up=False) == 2e-4 and quality.next_rate(1e-4, up=False) == 5e-5
 
 
 def test_a_sweep_row_identical_to_an_ablation_row_is_not_trained_again(tmp_path):
@@ -236,15 +236,15 @@ def test_a_run_another_harness_process_is_running_is_left_to_it(tmp_path):
   the same run directory); a lock left by a process that is gone is taken over."""
   quality = _load_harness()
   lock = str(tmp_path / "run.lock")
-  with quality._RunLock(lock):
+  with quality.RunLock(lock):
     assert open(lock).read() == str(os.getpid())
     with pytest.raises(RuntimeError, match=f"pid {os.getpid()}"):
-      quality._RunLock(lock).__enter__()
+      quality.RunLock(lock).__enter__()
   assert not os.path.exists(lock)
   import subprocess
   gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                         capture_output=True, text=True).stdout.strip()
   with open(lock, "w") as f:
     f.write(gone)
-  with quality._RunLock(lock):
+  with quality.RunLock(lock):
     assert open(lock).read() == str(os.getpid())
