@@ -24,6 +24,11 @@ as it finishes; a rerun skips what is done (and resumes a run interrupted
 mid-training from its last checkpoint), so the work can be spread over sittings.
 Run directories live under ``benchmarks/quality-runs/`` (ignored by git);
 exported models are deleted once evaluated.
+
+On a GPU the same command trains in bf16 (``--precision auto``); the precision is part of
+each run's identity and each row records where it ran, so a GPU sitting merged here
+(``--merge``) adds rows of its own and never stands in for, or pools with, the CPU's
+fp32 rows (the report gives them their own section).
 """
 
 from __future__ import annotations
@@ -50,7 +55,8 @@ import quality_report  # noqa: E402  (benchmarks/ is not a package)
 from quality_lock import RunLock  # noqa: E402
 from quality_plan import (  # noqa: E402,F401  (the plan; tests read it through this module)
     ABLATION_GROUPS, ABLATIONS, CONTINUAL_METHODS, DEFAULT_S_PER_STEP, MAX_EXTENSIONS,
-    METHOD_BACKENDS, METHODS, PRESETS, RUN_OVERHEAD_S, Run, next_rate, selection_key)
+    METHOD_BACKENDS, METHODS, PRESETS, RUN_OVERHEAD_S, Run, next_rate, precision_of,
+    resolve_precision, selection_key)
 
 JSON_PATH = os.path.join(HERE, "quality.json")
 REPORT_PATH = os.path.join(ROOT, "docs", "QUALITY.md")
@@ -67,6 +73,7 @@ class Harness:
     self.lock = threading.Lock()
     self.state = self._load()
     self.python = sys.executable
+    self.device = "cpu"  # where this sitting trains; set by record_sitting
 
   # --- results file --------------------------------------------------------------------------
 
@@ -99,12 +106,15 @@ class Harness:
     if not commit and os.path.exists(os.path.join(ROOT, "COMMIT")):  # a `git archive` snapshot
       with open(os.path.join(ROOT, "COMMIT"), encoding="utf-8") as f:
         commit = f.read().strip()[:7] + " (snapshot)"
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""
+    self.device = "cuda" if gpu else "cpu"
     self.state["sittings"].append({
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": "python benchmarks/quality.py " + shlex.join(argv),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
-                   f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}",
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
+                   f"{'CUDA ' + gpu if gpu else 'no GPU'}",
+        "device": self.device,
+        "precision": self.o.precision,
         "commit": commit, "library_path": os.environ.get("PYTHONPATH") or ROOT,
         "versions": versions})
     self.save()
@@ -121,7 +131,7 @@ class Harness:
     if got is not None:
       return got
     want = self._signature(run.task, run.method, run.backend(self.o.backend), run.lr, run.seed,
-                           run.steps, run.extra, run.init, run.other_task)
+                           run.steps, run.extra, run.init, run.other_task, run.precision)
     for res in self.state["runs"].values():
       r = res.get("run") or {}
       if r.get("label") not in METHODS or res.get("val") is None:
@@ -133,7 +143,8 @@ class Harness:
       label = r["label"]
       have = self._signature(r["task"], METHODS[label][0],
                              METHOD_BACKENDS.get(label, self.o.backend), r["lr"], r["seed"],
-                             r["steps"], r["extra"], r["init"], r["other_task"])
+                             r["steps"], r["extra"], r["init"], r["other_task"],
+                             precision_of(r))
       if have == want and f"--backend {run.backend(self.o.backend)} " in res.get("command", ""):
         key = next(k for k, v in self.state["runs"].items() if v is res)
         copy = dict(res, run=dataclasses.asdict(run), same_as=res.get("same_as", key))
@@ -207,7 +218,8 @@ class Harness:
     return tuple(lrs)
 
   def _sweep_run(self, task: str, label: str, lr: float) -> Run:
-    return Run("sweep", task, label, lr, self.o.seeds[0], self.o.steps, self.extra_of(label))
+    return Run("sweep", task, label, lr, self.o.seeds[0], self.o.steps, self.extra_of(label),
+               precision=self.o.precision)
 
   def sweep(self) -> list[Run]:
     runs = []
@@ -246,14 +258,15 @@ class Harness:
         for s in self.o.seeds:
           if s == self.o.seeds[0] and (label != "losia-pro" or self.o.pro_sweep):
             continue  # the sweep's run at the chosen rate is the first seed
-          runs.append(Run("seeds", task, label, lr, s, self.o.steps, self.extra_of(label)))
+          runs.append(Run("seeds", task, label, lr, s, self.o.steps, self.extra_of(label),
+                          precision=self.o.precision))
     task0 = self.o.tasks[0]
     lr = self.best_lr(task0, "losia") if "losia" in self.o.methods else None
     if self.o.ablate and lr is not None:
       names = [n for g in self.o.ablate for n in ABLATION_GROUPS[g]]
       for name in names:
         runs.append(Run("ablation", task0, "losia", lr, self.o.seeds[0], self.o.steps,
-                        ABLATIONS[name], ablation=name))
+                        ABLATIONS[name], ablation=name, precision=self.o.precision))
     if self.o.continual and len(self.o.tasks) >= 2:
       a, b = self.o.tasks[:2]
       for label in CONTINUAL_METHODS:
@@ -261,11 +274,12 @@ class Harness:
         if label not in self.o.methods or la is None or lb is None:
           continue
         first = Run("continual", a, label, la, self.o.seeds[0], self.o.steps,
-                    self.extra_of(label), ablation="A", other_task=b)
+                    self.extra_of(label), ablation="A", other_task=b,
+                    precision=self.o.precision)
         runs.append(first)
         runs.append(Run("continual", b, label, lb, self.o.seeds[0], self.o.steps,
                         self.extra_of(label), ablation="A then B", init=first.key,
-                        other_task=a))
+                        other_task=a, precision=self.o.precision))
     return runs
 
   # --- running -------------------------------------------------------------------------------
@@ -282,6 +296,8 @@ class Harness:
             "--seq-len", str(self.o.seq_len), "--lr", f"{run.lr:g}", "--seed", str(run.seed),
             "--eval-size", "0", "--save-every", str(self.o.save_every), "--keep-checkpoints", "1",
             "--no-plots", "--quiet", "--output-dir", out, *run.extra]
+    if run.precision != "fp32":
+      argv += ["--precision", run.precision]
     model = os.path.join(self.o.runs_dir, run.init, "model") if run.init else self.o.model
     if model:
       argv += ["--model", model]
@@ -355,7 +371,8 @@ class Harness:
         "trainable_params": s["trainable_params"], "final_loss": s["final_loss"],
         "loss_tail": sum(tail) / len(tail), "losses": losses,
         "train_s": s["timings"].get("train_s"), "s_per_step": s["timings"].get("train_s", 0) / max(
-            1, s["steps"]), "losia": s.get("losia"), "backend": s["backend"].splitlines()[0]}
+            1, s["steps"]), "losia": s.get("losia"), "backend": s["backend"].splitlines()[0],
+        "where": f"{run.precision} on {self.device}"}
     if not self.o.no_eval:
       ev = self.evaluate(os.path.join(out, "model"), run.task, os.path.join(out, "eval.json"),
                          run.other_task)
@@ -505,6 +522,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
   p.add_argument("--backend", default="torch", choices=("torch", "jax"),
                  help="every method's backend but " + ", ".join(
                      f"{m}'s ({b})" for m, b in METHOD_BACKENDS.items()) + " (default: torch)")
+  p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                 help="every run's compute precision (the CLI's --precision); auto: bf16 when "
+                 "a CUDA device is visible, fp32 otherwise. Part of a run's identity: a bf16 "
+                 "row never stands in for an fp32 one, and the report tables one precision, "
+                 "the other's rows in a section of their own (default: auto)")
   p.add_argument("--model", help="model directory or .gguf (default: the embedded SmolLM2)")
   p.add_argument("--batch-size", type=int, default=8)
   p.add_argument("--seq-len", type=int, default=64)
@@ -546,6 +568,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.error(f"unknown method or ablation group: {', '.join(bad)}")
   if o.model:
     o.model = os.path.abspath(o.model)
+  o.precision = resolve_precision(o.precision)
   return o
 
 

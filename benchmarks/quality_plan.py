@@ -97,6 +97,7 @@ class Run:
   ablation: str = ""
   init: str = ""    # key of the run whose exported model this one starts from
   other_task: str = ""
+  precision: str = "fp32"  # the CLI's --precision: bf16 on a GPU sitting (see resolve_precision)
 
   @property
   def method(self) -> str:
@@ -109,8 +110,23 @@ class Run:
   def key(self) -> str:
     tag = hashlib.sha1(json.dumps([self.extra, self.init]).encode()).hexdigest()[:6]
     abl = "-" + "".join(c if c.isalnum() else "_" for c in self.ablation) if self.ablation else ""
+    # fp32 keys carry no precision tag, so the CPU sittings' keys are what they always were
+    prec = "" if self.precision == "fp32" else "-" + self.precision
     return (f"{self.task}-{self.label}{abl}-lr{self.lr:.0e}-s{self.seed}-{self.steps}st-"
-            f"{tag}{'-cont' if self.init else ''}")
+            f"{tag}{'-cont' if self.init else ''}{prec}")
+
+
+def precision_of(run: dict[str, Any]) -> str:
+  """A recorded run's precision (runs recorded before it was a field were fp32)."""
+  return run.get("precision", "fp32")
+
+
+def resolve_precision(choice: str) -> str:
+  """``auto``: bf16 compute when a CUDA device is visible (the GPU sitting), fp32 on a CPU."""
+  if choice != "auto":
+    return choice
+  import torch
+  return "bf16" if torch.cuda.is_available() else "fp32"
 
 
 def selection_key(res: dict[str, Any]) -> tuple[float, float]:

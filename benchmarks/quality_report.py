@@ -152,6 +152,26 @@ def _other_lengths(add, runs: list[dict[str, Any]], steps: int) -> None:
   add("")
 
 
+def _other_precision(add, runs: list[dict[str, Any]], precision: str) -> None:
+  """Rows trained at another compute precision (a GPU sitting's bf16 next to the CPU's fp32)."""
+  add(f"## Runs at another precision (not in the tables above, which are {precision})\n")
+  add("A sitting on a GPU trains in bf16 (`--precision auto`); its rows are kept apart from the "
+      "fp32 rows of the CPU sittings, never pooled with them. *where* is the "
+      "run's precision and device.\n")
+  add("| task | method | phase | steps | lr | seed | where | val | test | "
+      "train loss, last quarter | capitals | ppl | s/step |")
+  add("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+  for r in sorted(runs, key=lambda r: (r["run"]["task"], r["run"]["label"], r["run"]["phase"],
+                                       r["run"]["steps"], r["run"]["lr"], r["run"]["seed"])):
+    run = r["run"]
+    where = r.get("where") or r.get("backend", "").rsplit(", ", 1)[-1] or "—"
+    add(f"| {run['task']} | {run['label']} | {run['phase']} | {run['steps']} | {run['lr']:g} | "
+        f"{run['seed']} | {where} | {_pct(r['val'])} | {_pct(r['test'])} | "
+        f"{r['loss_tail']:.3f} | {_pct(r['capitals'])} | {_num(r['ppl'], '.2f')} | "
+        f"{_num(r.get('s_per_step'), '.2f')} |")
+  add("")
+
+
 def _loss_picture(runs: list[dict[str, Any]], docs: str) -> bool:
   try:
     import matplotlib
@@ -184,8 +204,13 @@ def write(state: dict[str, Any], path: str, opts: dict[str, Any], methods, ablat
   os.makedirs(docs, exist_ok=True)
   # Runs of another length (a longer run at a rate chosen here) are not part of this
   # report's sweeps and seeds: their schedule differs. They get their own section.
-  other_len = {k: r for k, r in state["runs"].items() if r["run"]["steps"] != opts["steps"]}
-  state = dict(state, runs={k: r for k, r in state["runs"].items() if k not in other_len})
+  precision = opts.get("precision", "fp32")
+  other_prec = {k: r for k, r in state["runs"].items()
+                if r["run"].get("precision", "fp32") != precision}
+  other_len = {k: r for k, r in state["runs"].items()
+               if r["run"]["steps"] != opts["steps"] and k not in other_prec}
+  state = dict(state, runs={k: r for k, r in state["runs"].items()
+                            if k not in other_len and k not in other_prec})
   tasks = list(opts["tasks"])
   labels = list(opts["methods"])
   L: list[str] = []
@@ -204,12 +229,13 @@ def write(state: dict[str, Any], path: str, opts: dict[str, Any], methods, ablat
   add("|---|---|---|---|---|---|")
   for s in state.get("sittings", []):
     v = ", ".join(f"{k} {x}" for k, x in s["versions"].items())
-    add(f"| {s['date']} | {s['machine']} | {s['device']} | {s['commit']} | {v} | "
+    device = s["device"] + (f", {s['precision']}" if "precision" in s else "")
+    add(f"| {s['date']} | {s['machine']} | {device} | {s['commit']} | {v} | "
         f"`{s['command']}` |")
   add("")
   add(f"Settings of this report: tasks {', '.join(tasks)}; {opts['steps']} steps × batch "
-      f"{opts['batch_size']} × seq {opts['seq_len']}, backend {opts['backend']}; seeds "
-      f"{opts['seeds']}; validation {opts['n_val']}, test {opts['n_test']} problems; "
+      f"{opts['batch_size']} × seq {opts['seq_len']}, backend {opts['backend']}, {precision}; "
+      f"seeds {opts['seeds']}; validation {opts['n_val']}, test {opts['n_test']} problems; "
       f"capitals probe {opts['n_capitals']} countries; perplexity on {opts['ppl_chunks']} × "
       f"{opts['ppl_len']} tokens of Python's `pydoc_data` topics.\n")
   add("## Before training\n")
@@ -319,6 +345,8 @@ def write(state: dict[str, Any], path: str, opts: dict[str, Any], methods, ablat
     add("")
   if other_len:
     _other_lengths(add, list(other_len.values()), opts["steps"])
+  if other_prec:
+    _other_precision(add, list(other_prec.values()), precision)
   pics = _pictures(state, docs, tasks, labels) if state["runs"] else []
   if other_len and _loss_picture(list(other_len.values()), docs):
     pics.append("quality_long.png")

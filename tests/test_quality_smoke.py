@@ -212,6 +212,48 @@ def test_runs_of_another_length_get_their_own_section(tmp_path):
   assert "quality_long.png" in text and (tmp_path / "quality_long.png").exists()
 
 
+def test_a_bf16_sitting_is_kept_apart_from_the_fp32_rows(tmp_path):
+  """--precision bf16 (what --precision auto picks on a GPU) reaches the CLI, is part of a
+  run's identity (an fp32 result never stands in for it, nor it for one), and the report
+  tables the report's precision, with the other's rows in a section of their own."""
+  quality = _load_harness()
+  assert quality.parse(["--quick"]).precision == "fp32"  # auto, and no CUDA device here
+  tiny = make_tiny_model(str(tmp_path / "tiny"))
+  common = ["--model", tiny, "--tasks", "arithmetic", "--methods", "losia", "--steps", "2",
+            "--seeds", "0", "--lrs", "1e-3", "--ablate", "none", "--no-continual",
+            "--n-val", "2", "--n-test", "2", "--n-capitals", "2", "--ppl-chunks", "1",
+            "--ppl-len", "16", "--seq-len", "128", "--batch-size", "2", "--save-every", "0",
+            "--json", str(tmp_path / "q.json"), "--report", str(tmp_path / "QUALITY.md"),
+            "--runs-dir", str(tmp_path / "runs"), "--in-process"]
+  assert quality.main(common + ["--precision", "fp32"]) == 0
+  (fp32_key,) = json.loads((tmp_path / "q.json").read_text())["runs"]
+  bf16 = quality.Harness(quality.parse(common + ["--precision", "bf16"]))
+  (run,) = bf16.sweep()
+  assert run.key == fp32_key + "-bf16" and bf16.done(run) is None
+  argv = bf16.cli_argv(run, "OUT")
+  assert argv[argv.index("--precision") + 1] == "bf16"
+  fp32 = quality.Harness(quality.parse(common))
+  assert "--precision" not in fp32.cli_argv(fp32.sweep()[0], "OUT")  # the CLI's default
+  assert quality.main(common + ["--precision", "bf16"]) == 0
+  state = json.loads((tmp_path / "q.json").read_text())
+  assert set(state["runs"]) == {fp32_key, run.key} and not state.get("failed")
+  res = state["runs"][run.key]
+  assert "bf16" in res["backend"] and res["where"] == "bf16 on cpu"
+  assert "--precision bf16" in res["command"]
+  assert state["runs"][fp32_key]["losses"] != res["losses"]  # it really trained in bf16
+  assert [s["precision"] for s in state["sittings"]] == ["fp32", "bf16"]
+  for report_precision, table_key, apart in (("fp32", fp32_key, run.key),
+                                             ("bf16", run.key, fp32_key)):
+    assert quality.main(common + ["--precision", report_precision, "--report-only"]) == 0
+    text = (tmp_path / "QUALITY.md").read_text()
+    tables, section = text.split("## Runs at another precision")
+    loss = lambda k: f"{state['runs'][k]['loss_tail']:.3f}"
+    assert loss(table_key) in tables.split("### Learning-rate sweep")[1]
+    assert f"| arithmetic | losia | sweep | 2 | 0.001 | 0 | {state['runs'][apart]['where']} |" \
+        in section
+  assert quality.main(common + ["--precision", "fp32", "--merge", str(tmp_path / "q.json")]) == 0
+
+
 def test_gradient_share_runs_on_a_tiny_model(tmp_path):
   """benchmarks/quality_gradient_share.py end to end on a tiny model (no claims about it):
   every share is a fraction."""
