@@ -12,6 +12,8 @@ import os
 import statistics
 from typing import Any
 
+from quality_plan import precision_of
+
 
 def _pct(x) -> str:
   return "—" if x is None else f"{100 * x:.1f}%"
@@ -206,7 +208,7 @@ def write(state: dict[str, Any], path: str, opts: dict[str, Any], methods, ablat
   # report's sweeps and seeds: their schedule differs. They get their own section.
   precision = opts.get("precision", "fp32")
   other_prec = {k: r for k, r in state["runs"].items()
-                if r["run"].get("precision", "fp32") != precision}
+                if precision_of(r["run"]) != precision}
   other_len = {k: r for k, r in state["runs"].items()
                if r["run"]["steps"] != opts["steps"] and k not in other_prec}
   state = dict(state, runs={k: r for k, r in state["runs"].items()
